@@ -1,0 +1,77 @@
+"""``Cond``: everything a network may be conditioned on, bound once to a denoiser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Cond:
+    """Conditioning inputs, each optional and batched along dim 0.
+
+    Attributes:
+        labels: class ids ``(B,)`` (``int64``); the null class is the network's ``num_classes``.
+        context: text token embeddings ``(B, L, D)`` for cross-attention.
+        context_mask: ``(B, L)`` boolean, True where a token is real.
+        concat: image channels joined to the network input ``(B, C', H, W)``
+            (Palette, inpainting, depth).
+        control: ControlNet residuals, one tensor per U-Net skip.
+        extra: anything else a custom network wants.
+    """
+
+    labels: torch.Tensor | None = None
+    context: torch.Tensor | None = None
+    context_mask: torch.Tensor | None = None
+    concat: torch.Tensor | None = None
+    control: list[torch.Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def batch_size(self) -> int | None:
+        """The batch size of the first tensor field present, or None when empty."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                return v.shape[0]
+            if isinstance(v, list) and v:
+                return v[0].shape[0]
+        return None
+
+    def map(self, fn) -> Cond:
+        """Apply ``fn`` to every tensor (also inside ``control``); used for cat / index / to()."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = fn(v)
+            elif isinstance(v, list):
+                v = [fn(c) for c in v]
+            out[f.name] = v
+        return replace(self, **out)
+
+    def to(self, *args, **kwargs) -> Cond:
+        return self.map(lambda v: v.to(*args, **kwargs))
+
+    def __getitem__(self, idx) -> Cond:
+        return self.map(lambda v: v[idx])
+
+    @staticmethod
+    def cat(conds: list[Cond]) -> Cond:
+        """Concatenate along the batch (fields must be present in all or none)."""
+        first = conds[0]
+        out = {}
+        for f in fields(first):
+            vals = [getattr(c, f.name) for c in conds]
+            if f.name == "extra":
+                out[f.name] = dict(first.extra)
+            elif all(v is None for v in vals):
+                out[f.name] = None
+            elif any(v is None for v in vals):
+                raise ValueError(f"Cond.cat: field {f.name!r} is set in some conds but not all")
+            elif isinstance(vals[0], list):
+                out[f.name] = [torch.cat(parts) for parts in zip(*vals)]
+            else:
+                out[f.name] = torch.cat(vals)
+        return Cond(**out)
