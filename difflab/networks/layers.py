@@ -1,0 +1,257 @@
+"""Convolutional building blocks of the diffusion U-Nets.
+
+Time embedding (DDPM, Ho et al. 2020, sec. 4 and App. B), residual blocks with
+adaptive group norm (ADM, Dhariwal & Nichol 2021, sec. 3), BigGAN-style resampling
+inside residual blocks (ADM sec. 3, after Brock et al. 2019) and plain resampling layers.
+The attention blocks live in :mod:`difflab.networks.attention`.
+
+Every block takes the same arguments ``(x, emb, context, context_mask)`` and ignores
+what it does not use, so a U-Net stage is a plain :class:`EmbedSequential`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Downsample",
+    "EmbedSequential",
+    "ResBlock",
+    "TimeEmbedding",
+    "Upsample",
+    "group_norm",
+    "timestep_embedding",
+]
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of a real-valued time signal.
+
+    The Transformer position encoding (Vaswani et al. 2017, sec. 3.5) used for the
+    diffusion step by DDPM (Ho et al. 2020, App. B). With ``half = dim // 2`` and
+    frequencies ``w_i = max_period ** (-i / half)`` for ``i = 0 .. half - 1``::
+
+        emb(t) = [cos(t w_0), ..., cos(t w_{half-1}), sin(t w_0), ..., sin(t w_{half-1})]
+
+    (cosines first, as in ADM). ``t`` may be fractional (continuous-time models feed
+    ``1000 t`` or ``log(sigma) / 4``). An odd ``dim`` gets one trailing zero.
+
+    Args:
+        t: time signal of shape ``(B,)``; any real dtype, computed in float32.
+        dim: embedding width.
+        max_period: the longest period, ``2 pi max_period``.
+
+    Returns:
+        Float32 tensor of shape ``(B, dim)``.
+    """
+    half = dim // 2
+    exponent = torch.arange(half, device=t.device, dtype=torch.float32) / half
+    freqs = torch.exp(-math.log(max_period) * exponent)  # (half,)
+    args = t.float()[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features followed by a two-layer MLP (DDPM App. B; ADM ``time_embed``).
+
+    Args:
+        freq_dim: width of the sinusoidal features (the U-Net's ``model_channels``).
+        emb_dim: output width (``4 * model_channels`` in DDPM / ADM).
+    """
+
+    def __init__(self, freq_dim: int, emb_dim: int) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.linear_1 = nn.Linear(freq_dim, emb_dim)
+        self.linear_2 = nn.Linear(emb_dim, emb_dim)
+
+    def forward(self, t: Tensor) -> Tensor:
+        """Map ``t`` of shape ``(B,)`` to an embedding ``(B, emb_dim)``."""
+        return self.linear_2(F.silu(self.linear_1(timestep_embedding(t, self.freq_dim))))
+
+
+def group_norm(channels: int, groups: int = 32, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm with 32 groups as in DDPM / ADM (``gcd(channels, groups)`` if that fails).
+
+    Args:
+        channels: number of channels normalised.
+        groups: the wanted number of groups.
+        eps: added to the variance.
+    """
+    return nn.GroupNorm(math.gcd(channels, groups), channels, eps=eps)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 conv (DDPM App. B).
+
+    Args:
+        channels: input channels.
+        use_conv: apply a 3x3 convolution after upsampling.
+        out_channels: output channels (default ``channels``; needs ``use_conv``).
+    """
+
+    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        if not use_conv and out_channels != channels:
+            raise ValueError("Upsample: changing the channel count needs use_conv=True")
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
+
+    def forward(
+        self,
+        x: Tensor,
+        emb: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``(B, C, H, W) -> (B, C_out, 2H, 2W)``; the conditioning arguments are ignored."""
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x if self.conv is None else self.conv(x)
+
+
+class Downsample(nn.Module):
+    """2x downsampling: a stride-2 3x3 conv, or 2x2 average pooling (DDPM App. B).
+
+    Args:
+        channels: input channels.
+        use_conv: strided convolution (True) or average pooling (False).
+        out_channels: output channels (default ``channels``; needs ``use_conv``).
+    """
+
+    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        if not use_conv and out_channels != channels:
+            raise ValueError("Downsample: changing the channel count needs use_conv=True")
+        self.op: nn.Module = (
+            nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+            if use_conv
+            else nn.AvgPool2d(2)
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        emb: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``(B, C, H, W) -> (B, C_out, H/2, W/2)``; the conditioning arguments are ignored."""
+        return self.op(x)
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the time (and class) embedding.
+
+    DDPM's Wide-ResNet block (Ho et al. 2020, App. B) with ADM's adaptive group norm
+    (Dhariwal & Nichol 2021, sec. 3)::
+
+        h = conv1(SiLU(GN(x)))
+        h = GN(h) * (1 + scale) + shift          with (scale, shift) = Linear(SiLU(emb))
+        out = skip(x) + conv2(dropout(SiLU(h)))
+
+    Without scale-shift the projection is added before the norm: ``GN(h + Linear(SiLU(emb)))``.
+    With ``up`` / ``down`` the block also resamples both paths, after the first
+    norm, as BigGAN does (ADM sec. 3, "BigGAN residual blocks for up/downsampling").
+    ``conv2`` is zero-initialised by the model so the block starts as the identity.
+
+    Args:
+        in_channels: input channels.
+        emb_dim: width of the embedding.
+        out_channels: output channels (default ``in_channels``).
+        dropout: dropout probability before ``conv2``.
+        use_scale_shift_norm: ADM's adaptive group norm (True) or additive embedding.
+        up: upsample 2x inside the block.
+        down: downsample 2x inside the block.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        emb_dim: int,
+        out_channels: int | None = None,
+        dropout: float = 0.0,
+        use_scale_shift_norm: bool = True,
+        up: bool = False,
+        down: bool = False,
+    ) -> None:
+        super().__init__()
+        if up and down:
+            raise ValueError("ResBlock: up and down cannot both be True")
+        out_channels = out_channels or in_channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.norm1 = group_norm(in_channels)
+        self.resample: nn.Module | None = None
+        if up:
+            self.resample = Upsample(in_channels, use_conv=False)
+        elif down:
+            self.resample = Downsample(in_channels, use_conv=False)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(
+            emb_dim, 2 * out_channels if use_scale_shift_norm else out_channels
+        )
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = (
+            nn.Identity()
+            if in_channels == out_channels
+            else nn.Conv2d(in_channels, out_channels, 1)
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        emb: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Apply the block.
+
+        Args:
+            x: features ``(B, C_in, H, W)``.
+            emb: the *activated* embedding ``SiLU(emb)`` of shape ``(B, emb_dim)``; the
+                U-Net applies the SiLU once for all blocks (ADM's ``emb_layers`` start with it).
+            context: ignored.
+            context_mask: ignored.
+
+        Returns:
+            ``(B, C_out, H', W')`` with ``H' = 2H``, ``H/2`` or ``H`` for up / down / neither.
+        """
+        if emb is None:
+            raise ValueError("ResBlock needs the embedding emb (B, emb_dim)")
+        h = F.silu(self.norm1(x))
+        if self.resample is not None:
+            h, x = self.resample(h), self.resample(x)
+        h = self.conv1(h)
+        e = self.emb_proj(emb)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = torch.addcmul(shift, self.norm2(h), 1.0 + scale)  # ADM sec. 3: AdaGN
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class EmbedSequential(nn.ModuleList):
+    """Blocks applied in order, each receiving ``(x, emb, context, context_mask)``."""
+
+    def forward(
+        self,
+        x: Tensor,
+        emb: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Thread ``x`` through every block with the shared conditioning."""
+        for block in self:
+            x = block(x, emb, context, context_mask)
+        return x
