@@ -1,0 +1,45 @@
+"""Datasets returning ``(image in [-1, 1] (C, H, W), info)``, a collate to ``(images, Cond)``,
+checksummed downloads and small image transforms (Pillow + numpy, no torchvision).
+
+Quick start::
+
+    from torch.utils.data import DataLoader
+    from difflab.data import build_dataset, collate
+
+    ds = build_dataset("digits", image_size=16)
+    x, cond = next(iter(DataLoader(ds, batch_size=64, shuffle=True, collate_fn=collate)))
+    # x: (64, 1, 16, 16) float32 in [-1, 1]; cond.labels: (64,) int64
+"""
+
+from difflab.data.base import (
+    ArrayDataset,
+    CorruptDataError,
+    DataError,
+    DataNotFoundError,
+    ImageDataset,
+    Info,
+    Item,
+    collate,
+    data_home,
+    holdout_indices,
+    logger,
+)
+from difflab.data.transforms import (
+    RandomHorizontalFlip,
+    center_crop,
+    center_pad,
+    from_uint8,
+    hflip,
+    make_grid,
+    pad,
+    resize,
+    save_image_grid,
+    to_uint8,
+)
+
+__all__ = [
+    "ArrayDataset", "CorruptDataError", "DataError", "DataNotFoundError", "ImageDataset", "Info",
+    "Item", "RandomHorizontalFlip", "center_crop", "center_pad", "collate", "data_home",
+    "from_uint8", "hflip", "holdout_indices", "logger", "make_grid", "pad", "resize",
+    "save_image_grid", "to_uint8",
+]
