@@ -24,6 +24,7 @@ from difflab.data.base import (
     holdout_indices,
     logger,
 )
+from difflab.data.digits import Digits
 from difflab.data.download import DownloadError, download_file, md5sum
 from difflab.data.idx import MNIST, FashionMNIST, read_idx
 from difflab.data.transforms import (
@@ -40,9 +41,9 @@ from difflab.data.transforms import (
 )
 
 __all__ = [
-    "ArrayDataset", "CorruptDataError", "DataError", "DataNotFoundError", "DownloadError",
-    "FashionMNIST", "ImageDataset", "Info", "Item", "MNIST", "RandomHorizontalFlip", "center_crop",
-    "center_pad", "collate", "data_home", "download_file", "from_uint8", "hflip",
-    "holdout_indices", "logger", "make_grid", "md5sum", "pad", "read_idx", "resize",
-    "save_image_grid", "to_uint8",
+    "ArrayDataset", "CorruptDataError", "DataError", "DataNotFoundError", "Digits",
+    "DownloadError", "FashionMNIST", "ImageDataset", "Info", "Item", "MNIST",
+    "RandomHorizontalFlip", "center_crop", "center_pad", "collate", "data_home", "download_file",
+    "from_uint8", "hflip", "holdout_indices", "logger", "make_grid", "md5sum", "pad", "read_idx",
+    "resize", "save_image_grid", "to_uint8",
 ]
