@@ -24,8 +24,10 @@ from difflab.data.base import (
     holdout_indices,
     logger,
 )
+from difflab.data.decode import decode_image
 from difflab.data.digits import Digits
 from difflab.data.download import DownloadError, download_file, md5sum
+from difflab.data.folder import Emoji, ImageFolder, list_images, read_captions
 from difflab.data.idx import MNIST, FashionMNIST, read_idx
 from difflab.data.transforms import (
     RandomHorizontalFlip,
@@ -42,8 +44,9 @@ from difflab.data.transforms import (
 
 __all__ = [
     "ArrayDataset", "CorruptDataError", "DataError", "DataNotFoundError", "Digits",
-    "DownloadError", "FashionMNIST", "ImageDataset", "Info", "Item", "MNIST",
-    "RandomHorizontalFlip", "center_crop", "center_pad", "collate", "data_home", "download_file",
-    "from_uint8", "hflip", "holdout_indices", "logger", "make_grid", "md5sum", "pad", "read_idx",
-    "resize", "save_image_grid", "to_uint8",
+    "DownloadError", "Emoji", "FashionMNIST", "ImageDataset", "ImageFolder", "Info", "Item",
+    "MNIST", "RandomHorizontalFlip", "center_crop", "center_pad", "collate", "data_home",
+    "decode_image", "download_file", "from_uint8", "hflip", "holdout_indices", "list_images",
+    "logger", "make_grid", "md5sum", "pad", "read_captions", "read_idx", "resize",
+    "save_image_grid", "to_uint8",
 ]
