@@ -24,6 +24,7 @@ from difflab.data.base import (
     holdout_indices,
     logger,
 )
+from difflab.data.cifar import CIFAR10, read_cifar_batch
 from difflab.data.decode import decode_image
 from difflab.data.digits import Digits
 from difflab.data.download import DownloadError, download_file, md5sum
@@ -43,10 +44,10 @@ from difflab.data.transforms import (
 )
 
 __all__ = [
-    "ArrayDataset", "CorruptDataError", "DataError", "DataNotFoundError", "Digits",
+    "ArrayDataset", "CIFAR10", "CorruptDataError", "DataError", "DataNotFoundError", "Digits",
     "DownloadError", "Emoji", "FashionMNIST", "ImageDataset", "ImageFolder", "Info", "Item",
     "MNIST", "RandomHorizontalFlip", "center_crop", "center_pad", "collate", "data_home",
     "decode_image", "download_file", "from_uint8", "hflip", "holdout_indices", "list_images",
-    "logger", "make_grid", "md5sum", "pad", "read_captions", "read_idx", "resize",
-    "save_image_grid", "to_uint8",
+    "logger", "make_grid", "md5sum", "pad", "read_captions", "read_cifar_batch", "read_idx",
+    "resize", "save_image_grid", "to_uint8",
 ]
