@@ -30,6 +30,7 @@ from difflab.data.digits import Digits
 from difflab.data.download import DownloadError, download_file, md5sum
 from difflab.data.folder import Emoji, ImageFolder, list_images, read_captions
 from difflab.data.idx import MNIST, FashionMNIST, read_idx
+from difflab.data.registry import DATASETS, build_dataset
 from difflab.data.transforms import (
     RandomHorizontalFlip,
     center_crop,
@@ -44,10 +45,10 @@ from difflab.data.transforms import (
 )
 
 __all__ = [
-    "ArrayDataset", "CIFAR10", "CorruptDataError", "DataError", "DataNotFoundError", "Digits",
-    "DownloadError", "Emoji", "FashionMNIST", "ImageDataset", "ImageFolder", "Info", "Item",
-    "MNIST", "RandomHorizontalFlip", "center_crop", "center_pad", "collate", "data_home",
-    "decode_image", "download_file", "from_uint8", "hflip", "holdout_indices", "list_images",
-    "logger", "make_grid", "md5sum", "pad", "read_captions", "read_cifar_batch", "read_idx",
-    "resize", "save_image_grid", "to_uint8",
+    "ArrayDataset", "CIFAR10", "CorruptDataError", "DATASETS", "DataError", "DataNotFoundError",
+    "Digits", "DownloadError", "Emoji", "FashionMNIST", "ImageDataset", "ImageFolder", "Info",
+    "Item", "MNIST", "RandomHorizontalFlip", "build_dataset", "center_crop", "center_pad",
+    "collate", "data_home", "decode_image", "download_file", "from_uint8", "hflip",
+    "holdout_indices", "list_images", "logger", "make_grid", "md5sum", "pad", "read_captions",
+    "read_cifar_batch", "read_idx", "resize", "save_image_grid", "to_uint8",
 ]
