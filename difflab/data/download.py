@@ -9,6 +9,7 @@ mismatching download leaves nothing behind. ``http(s)://`` and ``file://`` URLs 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tarfile
 import tempfile
@@ -100,7 +101,8 @@ def download_file(
         try:
             _fetch_once(url, dest, md5, timeout)
             return dest
-        except (OSError, DownloadError) as e:  # URLError and HTTPError are OSErrors
+        # URLError / HTTPError are OSErrors; ValueError covers a malformed URL and DownloadError
+        except (OSError, ValueError, http.client.HTTPException) as e:
             logger.warning("download of %s from %s failed: %s", dest.name, url, e)
             errors.append(f"  {url}: {e}")
     raise DownloadError(f"could not download {dest.name} to {dest.parent} "

@@ -61,7 +61,7 @@ def test_bad_md5_raises_and_leaves_nothing(mnist_dir, tmp_path):
 
 def test_mirrors_are_tried_in_order(mnist_dir, tmp_path):
     name = "t10k-labels-idx1-ubyte.gz"
-    urls = [(tmp_path / "missing" / name).as_uri(), (mnist_dir / name).as_uri()]
+    urls = ["not a url", (tmp_path / "missing" / name).as_uri(), (mnist_dir / name).as_uri()]
     dest = download_file(urls, tmp_path / "out" / name, TEST_MD5[name])
     assert md5sum(dest) == TEST_MD5[name]
 
