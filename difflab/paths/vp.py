@@ -1,0 +1,264 @@
+"""Variance-preserving paths (``alpha^2 + sigma^2 = 1``) and sub-VP.
+
+A VP path is defined by ``log alpha(t)``; ``sigma = sqrt(1 - alpha^2)`` is computed with
+``expm1`` so tiny noise levels keep full precision.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+
+import torch
+import torch.nn.functional as F
+
+from difflab.errors import DifflabError, bad_value
+from difflab.paths.base import GaussianPath, Time, as_time
+
+
+class VP(GaussianPath):
+    """Base of the variance-preserving family; construct with the classmethods below."""
+
+    @abstractmethod
+    def log_alpha(self, t: Time) -> torch.Tensor:
+        """``log alpha(t)`` (negative, decreasing)."""
+
+    @abstractmethod
+    def d_log_alpha(self, t: Time) -> torch.Tensor:
+        """``d log alpha / dt`` (= ``-beta(t) / 2`` in Song et al.'s notation)."""
+
+    @abstractmethod
+    def t_from_log_alpha(self, la: torch.Tensor) -> torch.Tensor:
+        """Exact inverse of :meth:`log_alpha`."""
+
+    def alpha(self, t: Time) -> torch.Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t: Time) -> torch.Tensor:
+        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def d_alpha(self, t: Time) -> torch.Tensor:
+        return self.alpha(t) * self.d_log_alpha(t)
+
+    def d_sigma(self, t: Time) -> torch.Tensor:
+        # d/dt sqrt(1 - alpha^2) = -alpha^2 (d log alpha/dt) / sigma
+        return -torch.exp(2.0 * self.log_alpha(t)) * self.d_log_alpha(t) / self.sigma(t)
+
+    def log_snr(self, t: Time) -> torch.Tensor:
+        la2 = 2.0 * self.log_alpha(t)
+        return la2 - torch.log(-torch.expm1(la2))
+
+    def t_from_log_snr(self, lam: Time) -> torch.Tensor:
+        # alpha^2 = sigmoid(lam)  =>  log alpha = -softplus(-lam) / 2   (DPM-Solver, App. D)
+        lam = as_time(lam)
+        return self.t_from_log_alpha(-0.5 * F.softplus(-lam))
+
+    # ----- constructors ------------------------------------------------------------------
+    @staticmethod
+    def discrete(betas) -> DiscreteVP:
+        """DDPM's discrete chain with the given ``betas`` (Ho et al. 2020, eq. 2-4)."""
+        return DiscreteVP(betas)
+
+    @staticmethod
+    def discrete_linear(N: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        """DDPM's linear betas (Ho et al. 2020, Sec. 4: 1e-4 to 0.02 over 1000 steps)."""
+        if N < 1:
+            raise bad_value("N", N, "a positive number of steps")
+        return DiscreteVP(torch.linspace(beta_start, beta_end, N, dtype=torch.float64))
+
+    @staticmethod
+    def discrete_cosine(N: int = 1000, s: float = 0.008, max_beta: float = 0.999):
+        """Improved DDPM's cosine schedule (Nichol & Dhariwal 2021, eq. 17), betas clipped."""
+        if N < 1:
+            raise bad_value("N", N, "a positive number of steps")
+        n = torch.arange(N + 1, dtype=torch.float64)
+        f = torch.cos((n / N + s) / (1 + s) * math.pi / 2) ** 2
+        abar = f / f[0]
+        betas = (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+        return DiscreteVP(betas)
+
+    @staticmethod
+    def linear(beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-5):
+        """Continuous VP SDE with linear ``beta(t)`` (Song et al. 2021, eq. 11 / App. B)."""
+        return LinearVP(beta_min, beta_max, t_min=t_min)
+
+    @staticmethod
+    def cosine(s: float = 0.008, t_min: float = 1e-5, t_max: float = 0.9946):
+        """Continuous cosine schedule; ``t_max`` < 1 avoids ``alpha = 0`` (DPM-Solver, App. D)."""
+        return CosineVP(s, t_min=t_min, t_max=t_max)
+
+
+class DiscreteVP(VP):
+    """A discrete DDPM chain seen as a continuous path.
+
+    Step ``n = 0..N-1`` sits at the knot ``t_n = (n+1)/N`` with
+    ``log alpha(t_n) = 0.5 * sum_{i<=n} log(1 - beta_i)``; an extra knot ``(0, 0)`` is the data.
+    ``log alpha`` is piecewise linear between knots, so the model is exact at its own steps and
+    continuous-time solvers can evaluate it anywhere in between. The network's time signal is the
+    fractional step index ``t N - 1``.
+    """
+
+    name = "discrete"
+
+    def __init__(self, betas) -> None:
+        betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        if betas.numel() < 1 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise bad_value("betas", betas.tolist()[:5], "a non-empty sequence in (0, 1)")
+        self.betas = betas
+        self.N = int(betas.numel())
+        self._knots = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                 0.5 * torch.cumsum(torch.log1p(-betas), 0)])
+        self.t_min = 1.0 / self.N
+        self.t_max = 1.0
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """DDPM's ``alpha_bar_n`` for ``n = 0..N-1``."""
+        return torch.exp(2.0 * self._knots[1:])
+
+    def step_time(self, n) -> torch.Tensor:
+        """The time ``(n+1)/N`` of integer step(s) ``n``."""
+        return (torch.as_tensor(n, dtype=torch.float64) + 1.0) / self.N
+
+    def _segment(self, t: Time):
+        t = as_time(t)
+        L = self._knots.to(t.device)
+        u = t.double() * self.N
+        idx = u.floor().clamp(0, self.N - 1)
+        i = idx.long()
+        return t, L, i, u - idx
+
+    def log_alpha(self, t: Time) -> torch.Tensor:
+        t, L, i, frac = self._segment(t)
+        return (L[i] + frac * (L[i + 1] - L[i])).to(t.dtype)
+
+    def d_log_alpha(self, t: Time) -> torch.Tensor:
+        t, L, i, _ = self._segment(t)
+        return ((L[i + 1] - L[i]) * self.N).to(t.dtype)
+
+    def t_from_log_alpha(self, la: torch.Tensor) -> torch.Tensor:
+        L = self._knots.to(la.device)
+        target = la.double()
+        # -L is increasing; pos is the first knot with L <= la
+        pos = torch.searchsorted(-L, -target.reshape(-1).contiguous()).reshape(target.shape)
+        i = (pos - 1).clamp(0, self.N - 1)
+        frac = ((target - L[i]) / (L[i + 1] - L[i])).clamp(0.0, 1.0)
+        return ((i.double() + frac) / self.N).to(la.dtype)
+
+    def time_input(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.N - 1.0
+
+    def __repr__(self) -> str:
+        return f"VP.discrete(N={self.N})"
+
+
+def _solve_linear_log_alpha(la: torch.Tensor, b0: float, b1: float) -> torch.Tensor:
+    """Solve ``-(b1 - b0) t^2 / 4 - b0 t / 2 = la`` for ``t >= 0``."""
+    d = b1 - b0
+    if d == 0:
+        return -2.0 * la / b0
+    # stable root of (d/4) t^2 + (b0/2) t + la = 0
+    disc = torch.sqrt(0.25 * b0 * b0 - d * la)
+    return (-2.0 * la) / (0.5 * b0 + disc)
+
+
+class LinearVP(VP):
+    """``beta(t) = beta_min + t (beta_max - beta_min)``; ``log alpha = -t^2 (b1-b0)/4 - t b0/2``."""
+
+    name = "linear"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-5,
+                 t_max: float = 1.0) -> None:
+        if not 0 <= beta_min <= beta_max or beta_max <= 0:
+            raise DifflabError(
+                f"beta_min={beta_min}, beta_max={beta_max} are not valid: "
+                "expected 0 <= beta_min <= beta_max and beta_max > 0"
+            )
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+        self.t_min, self.t_max = float(t_min), float(t_max)
+
+    def log_alpha(self, t: Time) -> torch.Tensor:
+        t = as_time(t)
+        return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def d_log_alpha(self, t: Time) -> torch.Tensor:
+        t = as_time(t)
+        return -0.5 * t * (self.beta_max - self.beta_min) - 0.5 * self.beta_min
+
+    def t_from_log_alpha(self, la: torch.Tensor) -> torch.Tensor:
+        return _solve_linear_log_alpha(la, self.beta_min, self.beta_max)
+
+    def __repr__(self) -> str:
+        return f"VP.linear(beta_min={self.beta_min:g}, beta_max={self.beta_max:g})"
+
+
+class CosineVP(VP):
+    """``alpha = cos(phi(t)) / cos(phi(0))``, ``phi(t) = (t + s)/(1 + s) pi/2`` (iDDPM eq. 17)."""
+
+    name = "cosine"
+
+    def __init__(self, s: float = 0.008, t_min: float = 1e-5, t_max: float = 0.9946) -> None:
+        self.s = float(s)
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self._log_cos0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+
+    def _phi(self, t: Time) -> torch.Tensor:
+        return (as_time(t) + self.s) / (1 + self.s) * (math.pi / 2)
+
+    def log_alpha(self, t: Time) -> torch.Tensor:
+        return torch.log(torch.cos(self._phi(t))) - self._log_cos0
+
+    def d_log_alpha(self, t: Time) -> torch.Tensor:
+        return -torch.tan(self._phi(t)) * (math.pi / (2 * (1 + self.s)))
+
+    def t_from_log_alpha(self, la: torch.Tensor) -> torch.Tensor:
+        phi = torch.arccos(torch.exp(la + self._log_cos0))
+        return phi * (2 * (1 + self.s) / math.pi) - self.s
+
+    def __repr__(self) -> str:
+        return f"VP.cosine(s={self.s:g})"
+
+
+class SubVP(GaussianPath):
+    """Sub-VP SDE (Song et al. 2021, eq. 12): VP's ``alpha`` with ``sigma = 1 - alpha^2``."""
+
+    name = "subvp"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-5,
+                 t_max: float = 1.0) -> None:
+        self._vp = LinearVP(beta_min, beta_max, t_min, t_max)
+        self.beta_min, self.beta_max = self._vp.beta_min, self._vp.beta_max
+        self.t_min, self.t_max = float(t_min), float(t_max)
+
+    def alpha(self, t: Time) -> torch.Tensor:
+        return self._vp.alpha(t)
+
+    def sigma(self, t: Time) -> torch.Tensor:
+        return -torch.expm1(2.0 * self._vp.log_alpha(t))
+
+    def d_alpha(self, t: Time) -> torch.Tensor:
+        return self._vp.d_alpha(t)
+
+    def d_sigma(self, t: Time) -> torch.Tensor:
+        return -2.0 * torch.exp(2.0 * self._vp.log_alpha(t)) * self._vp.d_log_alpha(t)
+
+    def log_snr(self, t: Time) -> torch.Tensor:
+        la = self._vp.log_alpha(t)
+        return 2.0 * la - 2.0 * torch.log(-torch.expm1(2.0 * la))
+
+    def t_from_log_snr(self, lam: Time) -> torch.Tensor:
+        # alpha / (1 - alpha^2) = r := exp(lam/2)  =>  alpha = 2r / (1 + sqrt(1 + 4 r^2))
+        lam = as_time(lam)
+        log_r = 0.5 * lam
+        # log alpha = log 2 + log r - log(1 + sqrt(1 + 4 r^2)), written to avoid overflow
+        big = log_r > 0
+        r_small = torch.exp(torch.where(big, torch.zeros_like(log_r), log_r))
+        inv_r = torch.exp(torch.where(big, -log_r, torch.zeros_like(log_r)))
+        la_small = math.log(2.0) + log_r - torch.log1p(torch.sqrt(1 + 4 * r_small**2))
+        # for r > 1: alpha = 2 / (1/r + sqrt(1/r^2 + 4))
+        la_big = math.log(2.0) - torch.log(inv_r + torch.sqrt(inv_r**2 + 4))
+        la = torch.where(big, la_big, la_small)
+        return self._vp.t_from_log_alpha(la)
+
+    def __repr__(self) -> str:
+        return f"SubVP(beta_min={self.beta_min:g}, beta_max={self.beta_max:g})"

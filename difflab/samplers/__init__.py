@@ -1,0 +1,37 @@
+"""Samplers: functions over a time grid that own their loop (see ARCHITECTURE.md, "Samplers").
+
+Importing this package registers every sampler; look them up with ``get_sampler(name)`` or run
+one with ``sample(name, den, x_init, grid, **options)``.
+"""
+
+from difflab.samplers import timesteps
+from difflab.samplers.ancestral import ddim, ddim_invert, ddpm
+from difflab.samplers.base import (
+    SAMPLERS,
+    Hooks,
+    SamplerSpec,
+    StepInfo,
+    check_grid,
+    get_sampler,
+    register,
+    sample,
+)
+from difflab.samplers.noise import GeneratorNoise, PerSampleNoise, as_noise
+
+__all__ = [
+    "SAMPLERS",
+    "GeneratorNoise",
+    "Hooks",
+    "PerSampleNoise",
+    "SamplerSpec",
+    "StepInfo",
+    "as_noise",
+    "check_grid",
+    "ddim",
+    "ddim_invert",
+    "ddpm",
+    "get_sampler",
+    "register",
+    "sample",
+    "timesteps",
+]

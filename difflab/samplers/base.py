@@ -1,0 +1,161 @@
+"""What every sampler shares: grid validation, hooks, the registry.
+
+A sampler is a function ``fn(den, x_init, grid, *, noise=None, hooks=None, **options)`` that owns
+its loop; this module only provides the pieces around it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from difflab.denoiser import DenoiserBase
+from difflab.errors import DifflabError, bad_value
+from difflab.paths.base import GaussianPath
+from difflab.prediction import Prediction
+
+
+@dataclass
+class StepInfo:
+    """What ``hooks.callback`` receives after each step."""
+
+    index: int
+    total: int
+    t: float
+    t_next: float
+    x: torch.Tensor
+    x0: torch.Tensor
+
+
+@dataclass
+class Hooks:
+    """Optional interventions in the sampling loop.
+
+    Attributes:
+        correct_x0: ``(x0, t) -> x0`` applied to every clean-data estimate (thresholding,
+            known pixels); ``eps`` is recomputed from it.
+        correct_xt: ``(x, t) -> x`` applied to the state after each step (RePaint replacement).
+        callback: ``(StepInfo) -> None`` after each step (progress bars, previews).
+    """
+
+    correct_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    correct_xt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    callback: Callable[[StepInfo], None] | None = None
+
+
+NO_HOOKS = Hooks()
+
+
+def as_hooks(hooks: Hooks | None) -> Hooks:
+    if hooks is None:
+        return NO_HOOKS
+    if not isinstance(hooks, Hooks):
+        raise DifflabError(f"hooks must be a difflab.samplers.Hooks, got {type(hooks).__name__}")
+    return hooks
+
+
+def predict(den: DenoiserBase, x: torch.Tensor, t: torch.Tensor, hooks: Hooks) -> Prediction:
+    """Call the denoiser at ``(x, t)`` and apply ``correct_x0``."""
+    pred = den(x, t)
+    if hooks.correct_x0 is not None:
+        pred = pred.with_x0(hooks.correct_x0(pred.x0, pred.t))
+    return pred
+
+
+def after_step(hooks: Hooks, i: int, total: int, t, t_next, x: torch.Tensor,
+               pred: Prediction) -> torch.Tensor:
+    """Apply ``correct_xt`` and the callback after step ``i``."""
+    if hooks.correct_xt is not None and float(t_next) > 0:
+        x = hooks.correct_xt(x, torch.as_tensor(t_next, dtype=torch.float64))
+    if hooks.callback is not None:
+        hooks.callback(StepInfo(i, total, float(t), float(t_next), x, pred.x0))
+    return x
+
+
+def check_grid(grid, path: GaussianPath) -> torch.Tensor:
+    """Validate a time grid: 1-D, >= 2 entries, strictly descending, inside the path's range.
+
+    The last entry may be exactly 0 (the data end). Returns a float64 CPU tensor.
+    """
+    grid = torch.as_tensor(grid, dtype=torch.float64).detach().cpu()
+    if grid.ndim != 1 or grid.numel() < 2:
+        raise DifflabError(
+            f"grid has shape {tuple(grid.shape)}: expected a 1-D tensor of at least 2 times "
+            "(see difflab.samplers.timesteps)"
+        )
+    if not bool(torch.isfinite(grid).all()):
+        raise bad_value("grid", grid.tolist(), "finite times")
+    diffs = grid[1:] - grid[:-1]
+    if not bool((diffs < 0).all()):
+        i = int(torch.nonzero(diffs >= 0)[0])
+        raise DifflabError(
+            f"grid is not strictly descending: grid[{i}]={float(grid[i]):.6g} is followed by "
+            f"{float(grid[i + 1]):.6g}; expected times from t_max down to the data"
+        )
+    path.check_time(grid[:-1], "grid")
+    path.check_time(grid[-1:], "grid", allow_zero=True)
+    return grid
+
+
+def check_x(x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
+        raise DifflabError(
+            "x_init must be a floating-point tensor of shape (B, ...) with a batch dimension"
+        )
+    return x
+
+
+# ----- the registry ------------------------------------------------------------------------------
+@dataclass
+class SamplerSpec:
+    """A registered sampler and what it needs."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    stochastic: bool
+    order: int
+    needs_learned_variance: bool = False
+    evals_per_step: int = 1
+
+    def options(self) -> list[str]:
+        params = inspect.signature(self.fn).parameters
+        return [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+SAMPLERS: dict[str, SamplerSpec] = {}
+
+
+def register(name: str, *, stochastic: bool, order: int, needs_learned_variance: bool = False,
+             evals_per_step: int = 1):
+    """Decorator: add a sampler to the registry under ``name``."""
+
+    def deco(fn):
+        if name in SAMPLERS:
+            raise DifflabError(f"a sampler named {name!r} is already registered")
+        SAMPLERS[name] = SamplerSpec(name, fn, stochastic, order, needs_learned_variance,
+                                     evals_per_step)
+        return fn
+
+    return deco
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    """Look a sampler up by name."""
+    if name not in SAMPLERS:
+        raise bad_value("sampler", name, "one of " + ", ".join(sorted(SAMPLERS)))
+    return SAMPLERS[name]
+
+
+def sample(name: str, den: DenoiserBase, x_init: torch.Tensor, grid, **kwargs) -> torch.Tensor:
+    """Run the sampler registered as ``name``; unknown options are rejected by name."""
+    spec = get_sampler(name)
+    allowed = set(spec.options())
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise DifflabError(
+            f"sampler {name!r} got unknown option(s) {unknown}: accepted are {sorted(allowed)}"
+        )
+    return spec.fn(den, x_init, grid, **kwargs)

@@ -1,0 +1,129 @@
+"""Time grids: descending float64 tensors of times, optionally ending at 0 (the data end).
+
+The number of network evaluations of a one-evaluation-per-step sampler is ``len(grid) - 1``.
+A final 0 means the last step returns the model's clean-data estimate (DDPM's last step,
+k-diffusion's ``sigma = 0``); ``to_zero=False`` stops at ``t_end`` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from difflab.errors import DifflabError, bad_value
+from difflab.paths.base import GaussianPath
+from difflab.paths.vp import DiscreteVP
+
+
+def _ends(path: GaussianPath, t_start, t_end) -> tuple[float, float]:
+    t0 = path.t_max if t_start is None else float(t_start)
+    t1 = path.t_min if t_end is None else float(t_end)
+    if not t0 > t1:
+        raise DifflabError(f"t_start={t0} must be greater than t_end={t1}")
+    return t0, t1
+
+
+def _finish(path: GaussianPath, t: torch.Tensor, to_zero: bool) -> torch.Tensor:
+    t = t.double().clamp(path.t_min, path.t_max)
+    t = torch.unique_consecutive(t)
+    if to_zero:
+        t = torch.cat([t, t.new_zeros(1)])
+    return t
+
+
+def _check_steps(steps: int) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise bad_value("steps", steps, "a positive integer")
+
+
+def uniform(path: GaussianPath, steps: int, t_start=None, t_end=None, to_zero=True):
+    """Uniform in ``t`` (DDIM's "uniform" skip; Song et al. 2021)."""
+    _check_steps(steps)
+    t0, t1 = _ends(path, t_start, t_end)
+    n = steps if to_zero else steps + 1
+    return _finish(path, torch.linspace(t0, t1, n, dtype=torch.float64), to_zero)
+
+
+def quadratic(path: GaussianPath, steps: int, t_start=None, t_end=None, to_zero=True):
+    """Quadratic in ``t`` (DDIM Appendix D.2): denser near the data."""
+    _check_steps(steps)
+    t0, t1 = _ends(path, t_start, t_end)
+    n = steps if to_zero else steps + 1
+    u = torch.linspace(1.0, 0.0, n, dtype=torch.float64)
+    return _finish(path, t1 + (t0 - t1) * u * u, to_zero)
+
+
+def log_snr(path: GaussianPath, steps: int, t_start=None, t_end=None, to_zero=True):
+    """Uniform in log-SNR (DPM-Solver's recommended "logSNR" spacing, Lu et al. 2022, Sec. 3.3)."""
+    _check_steps(steps)
+    t0, t1 = _ends(path, t_start, t_end)
+    n = steps if to_zero else steps + 1
+    lam = torch.linspace(float(path.log_snr(t0)), float(path.log_snr(t1)), n,
+                         dtype=torch.float64)
+    t = path.t_from_log_snr(lam)
+    t[0], t[-1] = t0, t1
+    return _finish(path, t, to_zero)
+
+
+def karras(path: GaussianPath, steps: int, rho: float = 7.0, t_start=None, t_end=None,
+           to_zero=True):
+    """EDM's grid (Karras et al. 2022, eq. 5) in ``sigma~ = sigma / alpha``, mapped to ``t``."""
+    _check_steps(steps)
+    t0, t1 = _ends(path, t_start, t_end)
+    n = steps if to_zero else steps + 1
+    s_max = float(path.sigma_ve(t0)) ** (1 / rho)
+    s_min = float(path.sigma_ve(t1)) ** (1 / rho)
+    u = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    sig = (s_max + u * (s_min - s_max)) ** rho
+    t = path.t_from_sigma_ve(sig)
+    t[0], t[-1] = t0, t1
+    return _finish(path, t, to_zero)
+
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def discrete(path: GaussianPath, steps: int, spacing: str = "leading", to_zero=True):
+    """A subset of a discrete path's own steps (DDIM respacing; Lin et al. 2024, Table 2).
+
+    ``leading``: ``0, k, 2k, ...`` with ``k = N // steps`` (DDIM's original code);
+    ``trailing``: ``N-1, N-1-N/steps, ...`` (starts at the last step: zero terminal SNR fix);
+    ``linspace``: ``round(linspace(0, N-1, steps))``.
+    """
+    _check_steps(steps)
+    if not isinstance(path, DiscreteVP):
+        raise DifflabError(
+            f"timesteps.discrete needs a discrete path (VP.discrete*), got {path!r}: "
+            "use uniform, log_snr or karras for continuous paths"
+        )
+    N = path.N
+    if steps > N:
+        raise bad_value("steps", steps, f"at most the path's {N} steps")
+    if spacing == "leading":
+        idx = torch.arange(steps, dtype=torch.float64) * (N // steps)
+    elif spacing == "trailing":
+        idx = torch.round(torch.arange(N, 0, -N / steps, dtype=torch.float64)) - 1
+    elif spacing == "linspace":
+        idx = torch.round(torch.linspace(0, N - 1, steps, dtype=torch.float64))
+    else:
+        raise bad_value("spacing", spacing, "one of " + ", ".join(SPACINGS))
+    idx = torch.sort(idx, descending=True).values
+    return _finish(path, (idx + 1) / N, to_zero)
+
+
+def grid_from(grid: torch.Tensor, t0: float) -> torch.Tensor:
+    """Truncate a grid to start at ``t0`` (SDEdit, DiffPure): ``[t0] + [t in grid if t < t0]``."""
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    if not float(grid[-1]) < t0:
+        raise DifflabError(f"t0={t0} must be above the grid's last time {float(grid[-1])}")
+    return torch.cat([grid.new_tensor([t0]), grid[grid < t0]])
+
+
+GRIDS = {"uniform": uniform, "quadratic": quadratic, "log_snr": log_snr, "karras": karras,
+         "discrete": discrete}
+
+
+def make_grid(name: str, path: GaussianPath, steps: int, **kwargs) -> torch.Tensor:
+    """Build a grid by name (for configs and the CLI)."""
+    if name not in GRIDS:
+        raise bad_value("grid", name, "one of " + ", ".join(GRIDS))
+    return GRIDS[name](path, steps, **kwargs)
