@@ -65,7 +65,7 @@ class Cond:
         for f in fields(first):
             vals = [getattr(c, f.name) for c in conds]
             if f.name == "extra":
-                out[f.name] = dict(first.extra)
+                out[f.name] = _cat_extra([c.extra for c in conds])
             elif all(v is None for v in vals):
                 out[f.name] = None
             elif any(v is None for v in vals):
@@ -75,3 +75,17 @@ class Cond:
             else:
                 out[f.name] = torch.cat(vals)
         return Cond(**out)
+
+
+def _cat_extra(extras: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join ``extra`` dicts: per-sample lists (e.g. captions) are concatenated, others kept."""
+    out: dict[str, Any] = {}
+    for key in extras[0]:
+        vals = [e.get(key) for e in extras]
+        if all(isinstance(v, list) for v in vals):
+            out[key] = [item for v in vals for item in v]
+        elif all(isinstance(v, torch.Tensor) for v in vals):
+            out[key] = torch.cat(vals)
+        else:
+            out[key] = vals[0]
+    return out

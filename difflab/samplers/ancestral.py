@@ -87,14 +87,17 @@ def ddim(den: DenoiserBase, x: torch.Tensor, grid, *, eta: float = 0.0, noise=No
     return x
 
 
-def ddim_invert(den: DenoiserBase, x: torch.Tensor, grid, *, hooks=None) -> torch.Tensor:
+def ddim_invert(den: DenoiserBase, x: torch.Tensor, grid, *, fixed_point_iters: int = 0,
+                hooks=None) -> torch.Tensor:
     """Deterministic DDIM inversion: data to noise along the reversed ``grid``.
 
-    Runs eq. 12 (``eta = 0``) backwards, ``x_t = alpha_t x0_hat + sigma_t eps_hat`` with the
-    prediction taken at the current, lower time (Song et al. 2021, Sec. 4.3; Dhariwal & Nichol
-    2021, App. F). When the grid starts from the data (``t = 0``), the first prediction is taken
-    at the first positive time, the usual approximation. Use the same grid as the sampler to
-    map the result back.
+    Runs eq. 12 (``eta = 0``) backwards. The explicit step takes the prediction at the current,
+    lower time, ``x_t = alpha_t x0_hat(x_s) + sigma_t eps_hat(x_s)`` (Song et al. 2021, Sec. 4.3;
+    Dhariwal & Nichol 2021, App. F); from the data (``s = 0``) it is taken at the first positive
+    time. ``fixed_point_iters > 0`` then refines ``x_t`` so that the DDIM *sampling* step maps it
+    back to ``x_s``: writing that step with ``eps``, ``x_t = (alpha_t / alpha_s) x_s +
+    (sigma_t - alpha_t sigma_s / alpha_s) eps_hat(x_t, t)``, iterated (one network call each).
+    Use the same grid with :func:`ddim` to map the result back.
     """
     path, hooks = den.path, as_hooks(hooks)
     grid, x = check_grid(grid, path), check_x(x)
@@ -103,6 +106,13 @@ def ddim_invert(den: DenoiserBase, x: torch.Tensor, grid, *, hooks=None) -> torc
     for i in range(n):
         s, t = times[i], times[i + 1]
         pred = predict(den, x, s if s > 0 else t, hooks)
+        x_s = x
         x = float(path.alpha(t)) * pred.x0 + float(path.sigma(t)) * pred.eps
+        if fixed_point_iters > 0:
+            ratio = float(path.alpha(t) / path.alpha(s))
+            c_eps = float(path.sigma(t)) - ratio * float(path.sigma(s))
+            for _ in range(fixed_point_iters):
+                pred = predict(den, x, t, hooks)
+                x = ratio * x_s + c_eps * pred.eps
         x = after_step(hooks, i, n, s, t, x, pred)
     return x
