@@ -24,6 +24,7 @@ __all__ = [
     "TimeEmbedding",
     "Upsample",
     "group_norm",
+    "silu_",
     "timestep_embedding",
 ]
 
@@ -86,6 +87,15 @@ def group_norm(channels: int, groups: int = 32, eps: float = 1e-5) -> nn.GroupNo
         eps: added to the variance.
     """
     return nn.GroupNorm(math.gcd(channels, groups), channels, eps=eps)
+
+
+def silu_(h: Tensor) -> Tensor:
+    """SiLU of a freshly computed tensor, in place when autograd is off (sampling).
+
+    Saves one activation-sized buffer per call; with autograd on it is out of place,
+    since SiLU's backward needs its input.
+    """
+    return F.silu(h, inplace=not torch.is_grad_enabled())
 
 
 class Upsample(nn.Module):
@@ -227,7 +237,7 @@ class ResBlock(nn.Module):
         """
         if emb is None:
             raise ValueError("ResBlock needs the embedding emb (B, emb_dim)")
-        h = F.silu(self.norm1(x))
+        h = silu_(self.norm1(x))
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
         h = self.conv1(h)
@@ -237,8 +247,8 @@ class ResBlock(nn.Module):
             h = torch.addcmul(shift, self.norm2(h), 1.0 + scale)  # ADM sec. 3: AdaGN
         else:
             h = self.norm2(h + e)
-        h = self.conv2(self.dropout(F.silu(h)))
-        return self.skip(x) + h
+        h = self.conv2(self.dropout(silu_(h)))
+        return h.add_(self.skip(x))  # conv's backward does not need its output: add in place
 
 
 class EmbedSequential(nn.ModuleList):

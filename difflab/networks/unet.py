@@ -30,6 +30,7 @@ from difflab.networks.layers import (
     TimeEmbedding,
     Upsample,
     group_norm,
+    silu_,
 )
 
 __all__ = ["UNet", "UNetConfig"]
@@ -286,7 +287,7 @@ class UNet(nn.Module):
             skips, h = _add_control(skips, h, control)  # same shapes, ControlNet residuals added
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, mask)  # (B, ch_i, ...)
-        return self.out_conv(F.silu(self.out_norm(h)))  # (B, C_out, H, W)
+        return self.out_conv(silu_(self.out_norm(h)))  # (B, C_out, H, W)
 
     def _check_inputs(self, x: Tensor, t: Tensor, cond: Cond | None) -> tuple[Any, ...]:
         """Validate; returns ``(t, labels, context, context_mask, concat, control)``."""
