@@ -105,21 +105,32 @@ class GaussianMixture:
 
     def posterior_mean(self, x: torch.Tensor, t, path: GaussianPath,
                        labels: torch.Tensor | None = None) -> torch.Tensor:
-        """``E[x0 | x_t]`` (or ``E[x0 | x_t, k = label]`` when labels are given)."""
+        """``E[x0 | x_t]``, or ``E[x0 | x_t, k = label]`` per row when labels are given.
+
+        Label ``K`` is the null class (unconditional), as for class-conditional networks.
+        """
         xf, a, mean_t, var_t = self._noisy(x, t, path)
         comp = self.means + a * self.vars / var_t * (xf[:, None, :] - mean_t)  # (B, K, D)
-        if labels is None:
-            r = torch.softmax(self.log_w + self._component_logp(xf, mean_t, var_t), -1)
-            x0 = (r[..., None] * comp).sum(1)
-        else:
+        r = torch.softmax(self.log_w + self._component_logp(xf, mean_t, var_t), -1)
+        if labels is not None:
             labels = self._check_labels(labels, x.shape[0])
-            x0 = comp[torch.arange(x.shape[0]), labels]
+            onehot = torch.nn.functional.one_hot(labels.clamp(max=self.K - 1), self.K).double()
+            r = torch.where((labels == self.K)[:, None], r, onehot)
+        x0 = (r[..., None] * comp).sum(1)
         return x0.reshape(x.shape).to(x.dtype)
 
     def _check_labels(self, labels: torch.Tensor, n: int) -> torch.Tensor:
-        labels = torch.as_tensor(labels).long().reshape(-1).expand(n)
-        if bool(((labels < 0) | (labels >= self.K)).any()):
-            raise DifflabError(f"labels must be component ids in [0, {self.K}), got {labels}")
+        labels = torch.as_tensor(labels).long().reshape(-1)
+        if labels.numel() not in (1, n):
+            raise DifflabError(
+                f"labels has {labels.numel()} entries for a batch of {n}: expected 1 or {n}"
+            )
+        labels = labels.expand(n)
+        if bool(((labels < 0) | (labels > self.K)).any()):
+            raise DifflabError(
+                f"labels must be component ids in [0, {self.K}] ({self.K} = unconditional), "
+                f"got {labels.tolist()}"
+            )
         return labels
 
     def denoiser(self, path: GaussianPath) -> FnDenoiser:
