@@ -1,0 +1,102 @@
+"""Objectives by name, for configs and the CLI: ``build_objective("edm", sigma_data=0.5)``.
+
+Each entry of :data:`OBJECTIVES` is a factory with keyword-only options; unknown names and
+unknown options fail with the list of what is accepted.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from difflab.errors import DifflabError, bad_value
+from difflab.objectives.base import Objective
+from difflab.objectives.denoising import DenoisingLoss, dsm_loss, edm_loss, flow_matching_loss
+from difflab.objectives.time import TIME_SAMPLERS, TimeSampler, build_time_sampler
+from difflab.objectives.vlb import HybridLoss
+
+
+def _sampler(name: str | None, **params) -> TimeSampler | None:
+    """Build a named time sampler from the options that were given (None = not given)."""
+    given = {k: v for k, v in params.items() if v is not None}
+    if name is None:
+        if given:
+            raise DifflabError(
+                f"time-sampler options {sorted(given)} were given without time_sampler: name "
+                "one of " + ", ".join(repr(k) for k in TIME_SAMPLERS)
+            )
+        return None
+    return build_time_sampler(name, **given)
+
+
+def _denoising(*, target: str = "eps", weighting: str = "uniform",
+               time_sampler: str | None = None, t_min: float | None = None,
+               t_max: float | None = None, p_mean: float | None = None,
+               p_std: float | None = None, gamma: float = 5.0, sigma_data: float = 0.5,
+               reduce: str = "mean") -> DenoisingLoss:
+    sampler = _sampler(time_sampler, t_min=t_min, t_max=t_max, p_mean=p_mean, p_std=p_std)
+    return DenoisingLoss(target=target, weighting=weighting, time_sampler=sampler, gamma=gamma,
+                         sigma_data=sigma_data, reduce=reduce)
+
+
+def _dsm(*, time_sampler: str | None = None, t_min: float | None = None,
+         t_max: float | None = None, p_mean: float | None = None, p_std: float | None = None,
+         reduce: str = "mean") -> DenoisingLoss:
+    sampler = _sampler(time_sampler, t_min=t_min, t_max=t_max, p_mean=p_mean, p_std=p_std)
+    return dsm_loss(time_sampler=sampler, reduce=reduce)
+
+
+def _flow_matching(*, time_sampler: str = "uniform", t_min: float | None = None,
+                   t_max: float | None = None, p_mean: float | None = None,
+                   p_std: float | None = None, reduce: str = "mean") -> DenoisingLoss:
+    sampler = _sampler(time_sampler, t_min=t_min, t_max=t_max, p_mean=p_mean, p_std=p_std)
+    return flow_matching_loss(time_sampler=sampler, reduce=reduce)
+
+
+def _edm(*, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5,
+         reduce: str = "mean") -> DenoisingLoss:
+    return edm_loss(p_mean=p_mean, p_std=p_std, sigma_data=sigma_data, reduce=reduce)
+
+
+def _hybrid(*, lam: float = 0.001) -> HybridLoss:
+    return HybridLoss(lam=lam)
+
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {
+    "denoising": _denoising,
+    "dsm": _dsm,
+    "flow_matching": _flow_matching,
+    "edm": _edm,
+    "hybrid": _hybrid,
+}
+
+
+def objective_options(name: str) -> list[str]:
+    """The keyword options ``build_objective(name, ...)`` accepts."""
+    return list(inspect.signature(_factory(name)).parameters)
+
+
+def _factory(name: str) -> Callable[..., Objective]:
+    if name not in OBJECTIVES:
+        raise bad_value("objective", name, "one of " + ", ".join(repr(k) for k in OBJECTIVES))
+    return OBJECTIVES[name]
+
+
+def build_objective(name: str, **kwargs) -> Objective:
+    """An objective by name.
+
+    * ``denoising``: target, weighting, time_sampler (``discrete`` | ``uniform`` | ``lognormal``)
+      with t_min, t_max (uniform) or p_mean, p_std (lognormal), gamma, sigma_data, reduce;
+    * ``dsm``: time_sampler and its options, reduce;
+    * ``flow_matching``: time_sampler (default ``uniform``) and its options, reduce;
+    * ``edm``: p_mean, p_std, sigma_data, reduce;
+    * ``hybrid``: lam.
+    """
+    factory = _factory(name)
+    accepted = objective_options(name)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise DifflabError(
+            f"objective {name!r} got unknown option(s) {unknown}: accepted are {accepted}"
+        )
+    return factory(**kwargs)
