@@ -60,7 +60,7 @@ def log_snr(path: GaussianPath, steps: int, t_start=None, t_end=None, to_zero=Tr
     lam = torch.linspace(float(path.log_snr(t0)), float(path.log_snr(t1)), n,
                          dtype=torch.float64)
     t = path.t_from_log_snr(lam)
-    t[0], t[-1] = t0, t1
+    t[-1], t[0] = t1, t0  # in this order: a one-step grid (n = 1) must start at t0
     return _finish(path, t, to_zero)
 
 
@@ -75,7 +75,7 @@ def karras(path: GaussianPath, steps: int, rho: float = 7.0, t_start=None, t_end
     u = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
     sig = (s_max + u * (s_min - s_max)) ** rho
     t = path.t_from_sigma_ve(sig)
-    t[0], t[-1] = t0, t1
+    t[-1], t[0] = t1, t0  # in this order: a one-step grid (n = 1) must start at t0
     return _finish(path, t, to_zero)
 
 
