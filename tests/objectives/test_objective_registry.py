@@ -23,6 +23,15 @@ from difflab.objectives import (
 from difflab.objectives.weighting import EDMWeighting, MinSNR, Sigma2, Uniform
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors run fastest on one thread; OpenMP barriers stall on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

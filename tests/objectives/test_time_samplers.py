@@ -19,6 +19,15 @@ from difflab.objectives import (
 N_DRAWS = 40_000
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors run fastest on one thread; OpenMP barriers stall on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
