@@ -354,10 +354,10 @@ class UNet(nn.Module):
     ) -> tuple[Tensor | None, Tensor | None]:
         d = self.config.context_dim
         if d is None:
-            if context is not None:
+            if context is not None or mask is not None:
                 raise DifflabError(
-                    "UNet: cond.context given but the model has no cross-attention "
-                    "(context_dim=None)"
+                    "UNet: cond.context / cond.context_mask given but the model has no "
+                    "cross-attention (context_dim=None)"
                 )
             return None, None
         if context is None or context.ndim != 3 or context.shape[0] != B or context.shape[2] != d:
