@@ -139,7 +139,10 @@ class UNetConfig:
     def preset(cls, name: str, **overrides: Any) -> UNetConfig:
         """A named size (``tiny``, ``small``, ``base``; see ``PRESETS``) with overrides.
 
-        Example: ``UNetConfig.preset("small", in_channels=1, out_channels=1, num_classes=10)``.
+        Overriding ``image_size`` alone keeps attention at the same levels (e.g. ``small``
+        at 28 px attends at 14x14 where it attends at 16x16 for 32 px).
+
+        Example: ``UNetConfig.preset("small", image_size=28, in_channels=1, num_classes=10)``.
         """
         if name not in PRESETS:
             raise bad_value("preset", name, f"one of {sorted(PRESETS)}")
@@ -149,7 +152,12 @@ class UNetConfig:
             raise DifflabError(
                 f"UNetConfig.preset: unknown field(s) {unknown}; the fields are {sorted(known)}"
             )
-        return dataclasses.replace(PRESETS[name], **overrides)
+        base = PRESETS[name]
+        size = overrides.get("image_size", base.image_size)
+        if "attention_resolutions" not in overrides and size % base.downsample_factor == 0:
+            factors = [base.image_size // r for r in base.attention_resolutions]
+            overrides["attention_resolutions"] = tuple(size // f for f in factors)
+        return dataclasses.replace(base, **overrides)
 
 
 class UNet(nn.Module):

@@ -85,6 +85,9 @@ def test_presets_build_with_documented_sizes():
     assert counts["base"] > 30_000_000
     assert UNetConfig.preset("base").dropout == 0.1
     assert UNetConfig.preset("small", in_channels=1).in_channels == 1
+    mnist = UNetConfig.preset("small", image_size=28)  # attention stays one level down
+    assert mnist.attention_resolutions == (14,)
+    assert UNet(mnist)(torch.randn(1, 3, 28, 28), torch.tensor([5.0])).shape == (1, 3, 28, 28)
 
 
 PRESETS = ("tiny", "small", "base")
