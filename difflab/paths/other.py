@@ -30,6 +30,8 @@ class VE(GaussianPath):
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 1e-5,
                  t_max: float = 1.0) -> None:
         _check_sigmas(sigma_min, sigma_max)
+        if not 0 < t_min < t_max:
+            raise DifflabError(f"t_min={t_min}, t_max={t_max}: expected 0 < t_min < t_max")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
         self.t_min, self.t_max = float(t_min), float(t_max)

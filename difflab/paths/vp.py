@@ -174,6 +174,8 @@ class LinearVP(VP):
                 f"beta_min={beta_min}, beta_max={beta_max} are not valid: "
                 "expected 0 <= beta_min <= beta_max and beta_max > 0"
             )
+        if not 0 < t_min < t_max:
+            raise DifflabError(f"t_min={t_min}, t_max={t_max}: expected 0 < t_min < t_max")
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
         self.t_min, self.t_max = float(t_min), float(t_max)
 
@@ -198,6 +200,10 @@ class CosineVP(VP):
     name = "cosine"
 
     def __init__(self, s: float = 0.008, t_min: float = 1e-5, t_max: float = 0.9946) -> None:
+        if not s >= 0:
+            raise bad_value("s", s, "an offset >= 0 (iDDPM uses 0.008)")
+        if not 0 < t_min < t_max < 1:  # alpha(1) = 0
+            raise DifflabError(f"t_min={t_min}, t_max={t_max}: expected 0 < t_min < t_max < 1")
         self.s = float(s)
         self.t_min, self.t_max = float(t_min), float(t_max)
         self._log_cos0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
