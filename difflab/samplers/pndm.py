@@ -1,0 +1,122 @@
+"""Pseudo numerical methods (Liu et al. 2022, PNDM): PLMS and PNDM.
+
+A pseudo numerical method combines several noise estimates into one ``eps'`` with the weights
+of a classical method and moves with the *transfer* ``phi``, the DDIM step (PNDM eq. 11):
+
+    phi(x_t, eps', t, s) = alpha_s [x_t / alpha_t + (rho_s - rho_t) eps'],   rho = sigma / alpha.
+
+``phi`` is exact when ``eps`` is constant, because DDIM's ODE is ``d(x / alpha) = eps d rho``
+(DDIM eq. 14); the pseudo methods are therefore the classical methods for that ODE in
+``(x / alpha, rho)``. We take midpoints and multistep weights in ``rho`` so that this holds on
+any grid (on a grid uniform in ``rho`` they are exactly PNDM's: midpoint ``t - delta/2`` and
+``(55, -59, 37, -9) / 24``); in ``t`` they would lose the order on non-uniform grids.
+
+* pseudo linear multistep (eq. 12): ``eps'`` by 4-step Adams-Bashforth from the last four
+  evaluations at the grid points;
+* pseudo Runge-Kutta (eq. 13): ``eps' = (e1 + 2 e2 + 2 e3 + e4) / 6`` from four evaluations.
+
+``pndm`` (F-PNDM) warms up with three pseudo Runge-Kutta steps (4 evaluations each), so every
+step is fourth order. ``plms`` (the PLMS of Latent Diffusion) warms up with one pseudo improved
+Euler step (2 evaluations, second order) and then Adams-Bashforth of orders 2, 3, 4: one
+evaluation per step after the first, but the warm-up limits the global order to 3 (the first
+two steps have local errors ``O(h^3)``). A grid ending at 0 returns ``x0_hat`` at its last
+positive time (one more evaluation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from difflab.denoiser import DenoiserBase
+from difflab.samplers.base import after_step, check_grid, predict, register
+from difflab.samplers.dpm_solver import finish, prepare, warn_fallback
+
+
+def transfer(path, x: torch.Tensor, eps: torch.Tensor, t, s) -> torch.Tensor:
+    """PNDM eq. 11, the DDIM step from ``t`` to ``s`` with noise estimate ``eps``."""
+    a_s, a_t = float(path.alpha(s)), float(path.alpha(t))
+    d_rho = float(path.sigma_ve(s)) - float(path.sigma_ve(t))
+    return (a_s / a_t) * x + (a_s * d_rho) * eps
+
+
+def adams_bashforth_weights(rhos: list[float], rho_next: float) -> list[float]:
+    """Variable-step Adams-Bashforth weights: ``c_j = (1/Delta) int L_j`` over the step.
+
+    ``rhos`` are the nodes, newest first; ``L_j`` is the Lagrange basis polynomial of node ``j``
+    and the integral runs from ``rhos[0]`` to ``rho_next``. With ``u = (rho - rhos[0]) / Delta``
+    this is the linear system ``sum_j c_j u_j^m = 1 / (m + 1)``, ``m = 0..k-1``.
+    """
+    delta = rho_next - rhos[0]
+    u = np.array([(r - rhos[0]) / delta for r in rhos], dtype=np.float64)
+    k = len(rhos)
+    V = np.vander(u, k, increasing=True).T  # V[m, j] = u_j^m
+    return np.linalg.solve(V, 1.0 / np.arange(1, k + 1)).tolist()
+
+
+def _linear_multistep(path, x, hist: list[tuple[float, torch.Tensor]], t, s) -> torch.Tensor:
+    """PNDM eq. 12 with variable-step weights; ``hist`` holds ``(rho_j, eps_j)``, newest last."""
+    nodes = hist[::-1]
+    weights = adams_bashforth_weights([r for r, _ in nodes], float(path.sigma_ve(s)))
+    eps = sum(w * e for w, (_, e) in zip(weights, nodes))
+    return transfer(path, x, eps, t, s)
+
+
+def _pseudo_runge_kutta(den, hooks, x, t, s):
+    """PNDM eq. 13 (midpoint in ``rho``); returns ``(x_s, prediction at t)``."""
+    path = den.path
+    mid = path.t_from_sigma_ve(0.5 * (path.sigma_ve(t) + path.sigma_ve(s)))
+    pred = predict(den, x, t, hooks)
+    e1 = pred.eps
+    e2 = predict(den, transfer(path, x, e1, t, mid), mid, hooks).eps
+    e3 = predict(den, transfer(path, x, e2, t, mid), mid, hooks).eps
+    e4 = predict(den, transfer(path, x, e3, t, s), s, hooks).eps
+    return transfer(path, x, (e1 + 2 * e2 + 2 * e3 + e4) / 6, t, s), pred
+
+
+def _pseudo_improved_euler(den, hooks, x, t, s):
+    """Pseudo improved Euler (PNDM's S-PNDM warm-up, LDM's PLMS first step):
+    ``eps' = (e_t + e(phi(x_t, e_t)))/2``; returns ``(x_s, prediction at t)``."""
+    path = den.path
+    pred = predict(den, x, t, hooks)
+    e2 = predict(den, transfer(path, x, pred.eps, t, s), s, hooks).eps
+    return transfer(path, x, 0.5 * (pred.eps + e2), t, s), pred
+
+
+def _pseudo(den: DenoiserBase, x, grid, hooks, warmup, warmup_steps: int) -> torch.Tensor:
+    path = den.path
+    hooks, grid, x, times, to_zero = prepare(den, x, grid, hooks)
+    n, total = times.numel() - 1, grid.numel() - 1
+    hist: list[tuple[float, torch.Tensor]] = []
+    for i in range(n):
+        t, s = times[i], times[i + 1]
+        if i < warmup_steps:
+            x_next, pred = warmup(den, hooks, x, t, s)
+            hist.append((float(path.sigma_ve(t)), pred.eps))
+        else:
+            pred = predict(den, x, t, hooks)
+            hist = [*hist[-3:], (float(path.sigma_ve(t)), pred.eps)]
+            x_next = _linear_multistep(path, x, hist, t, s)
+        x = after_step(hooks, i, total, t, s, x_next, pred)
+    return finish(den, x, times, to_zero, hooks)
+
+
+@register("pndm", stochastic=False, order=4)
+def pndm(den: DenoiserBase, x: torch.Tensor, grid, *, noise=None, hooks=None) -> torch.Tensor:
+    """F-PNDM (Liu et al. 2022, Alg. 2): three pseudo Runge-Kutta steps (eq. 13, 4 evaluations
+    each), then the pseudo linear multistep method (eq. 12, 1 evaluation per step); fourth order
+    throughout. Evaluations: ``4 min(n, 3) + max(n - 3, 0)`` for ``n`` positive steps."""
+    return _pseudo(den, x, grid, hooks, _pseudo_runge_kutta, 3)
+
+
+@register("plms", stochastic=False, order=4)
+def plms(den: DenoiserBase, x: torch.Tensor, grid, *, noise=None, hooks=None) -> torch.Tensor:
+    """PLMS (Liu et al. 2022 eq. 12, as used by Latent Diffusion): one pseudo improved Euler step
+    (2 evaluations), then Adams-Bashforth of orders 2, 3 and 4 from the growing history (the
+    lower-order warm start; 1 evaluation per step, ``n + 1`` in all). The 4-step formula is
+    fourth order; the warm start makes the global order 3."""
+    grid = check_grid(grid, den.path)
+    n = grid.numel() - 1 - int(float(grid[-1]) == 0.0)
+    if n < 4:
+        warn_fallback("plms", grid.numel() - 1, n, 4, fallback=max(2, n))
+    return _pseudo(den, x, grid, hooks, _pseudo_improved_euler, 1)
