@@ -55,14 +55,32 @@ LOWER_ORDER_FINAL_BELOW = 10  # solver steps
 
 
 # ----- shared helpers (also used by unipc, pndm) ---------------------------------------------
-def lam(path: GaussianPath, t) -> float:
-    """The half log-SNR ``lambda(t) = log(alpha / sigma)`` as a float64 number."""
-    return 0.5 * float(path.log_snr(t))
+@dataclass(frozen=True)
+class Node:
+    """A time with its schedule values as float64 numbers (computed once per grid point)."""
+
+    t: torch.Tensor  # 0-dim float64
+    alpha: float
+    sigma: float
+    lam: float  # half log-SNR log(alpha / sigma)
+
+    @property
+    def rho(self) -> float:
+        """``sigma / alpha`` (EDM's sigma~, DDIM's sigma-bar)."""
+        return self.sigma / self.alpha
 
 
-def t_of_lam(path: GaussianPath, lam_value: float) -> torch.Tensor:
-    """The time with half log-SNR ``lam_value`` (0-dim float64 tensor)."""
-    return path.t_from_log_snr(torch.tensor(2.0 * lam_value, dtype=torch.float64))
+def nodes(path: GaussianPath, times: torch.Tensor) -> list[Node]:
+    """:class:`Node` s for positive ``times``, with one vectorised call per schedule function."""
+    cols = (path.alpha(times).tolist(), path.sigma(times).tolist(),
+            (0.5 * path.log_snr(times)).tolist())
+    return [Node(t, a, s, lam_t) for t, a, s, lam_t in zip(times, *cols)]
+
+
+def node_at(path: GaussianPath, lam_value: float) -> Node:
+    """The node with half log-SNR ``lam_value`` (``t`` from the path's exact inverse)."""
+    t = path.t_from_log_snr(torch.tensor(2.0 * lam_value, dtype=torch.float64))
+    return Node(t, float(path.alpha(t)), float(path.sigma(t)), lam_value)
 
 
 def hphi(k: int, h: float, sign: float) -> float:
@@ -85,25 +103,17 @@ class Form:
 
     output: Callable[[Prediction], torch.Tensor]
     sign: float  # z = sign * h in phi_k(z)
-    coefs: Callable[[GaussianPath, torch.Tensor, torch.Tensor], tuple[float, float]]
+    coefs: Callable[[Node, Node], tuple[float, float]]  # (A, C) of a step t -> s
 
 
-def _data_coefs(path, t, s) -> tuple[float, float]:
-    return float(path.sigma(s) / path.sigma(t)), float(path.alpha(s))
+DATA = Form(lambda p: p.x0, -1.0, lambda t, s: (s.sigma / t.sigma, s.alpha))
+NOISE = Form(lambda p: p.eps, 1.0, lambda t, s: (s.alpha / t.alpha, -s.sigma))
 
 
-def _noise_coefs(path, t, s) -> tuple[float, float]:
-    return float(path.alpha(s) / path.alpha(t)), -float(path.sigma(s))
-
-
-DATA = Form(lambda p: p.x0, -1.0, _data_coefs)
-NOISE = Form(lambda p: p.eps, 1.0, _noise_coefs)
-
-
-def first_order(form: Form, path: GaussianPath, x, t, s, h: float, f) -> torch.Tensor:
+def first_order(form: Form, x: torch.Tensor, t: Node, s: Node, f: torch.Tensor) -> torch.Tensor:
     """DPM-Solver-1 (eq. 3.7) / DPM-Solver++1: ``A x + C h phi_1 f``; this is DDIM."""
-    A, C = form.coefs(path, t, s)
-    return A * x + (C * hphi(1, h, form.sign)) * f
+    A, C = form.coefs(t, s)
+    return A * x + (C * hphi(1, s.lam - t.lam, form.sign)) * f
 
 
 def split_grid(grid: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -162,74 +172,67 @@ def _check_r(name: str, r: float) -> None:
 
 
 # ----- singlestep, noise form (Lu et al. 2022) ---------------------------------------------------
-StepFn = Callable[[DenoiserBase, Hooks, torch.Tensor, Prediction, torch.Tensor, torch.Tensor],
-                  torch.Tensor]
+StepFn = Callable[[DenoiserBase, Hooks, torch.Tensor, Prediction, Node, Node], torch.Tensor]
 
 
 def _singlestep(den: DenoiserBase, x, grid, hooks, step: StepFn) -> torch.Tensor:
-    """Run a one-step method ``step(den, hooks, x, pred_t, t, s)`` over the grid."""
+    """Run a one-step method ``step(den, hooks, x, pred_t, node_t, node_s)`` over the grid."""
     hooks, grid, x, times, to_zero = prepare(den, x, grid, hooks)
-    total = grid.numel() - 1
-    for i in range(times.numel() - 1):
-        t, s = times[i], times[i + 1]
-        pred = predict(den, x, t, hooks)
+    knots, total = nodes(den.path, times), grid.numel() - 1
+    for i in range(len(knots) - 1):
+        t, s = knots[i], knots[i + 1]
+        pred = predict(den, x, t.t, hooks)
         x = step(den, hooks, x, pred, t, s)
-        x = after_step(hooks, i, total, t, s, x, pred)
+        x = after_step(hooks, i, total, t.t, s.t, x, pred)
     return finish(den, x, times, to_zero, hooks)
 
 
-def _dpm1_step(den, hooks, x, pred, t, s) -> torch.Tensor:
-    path = den.path
-    return first_order(NOISE, path, x, t, s, lam(path, s) - lam(path, t), pred.eps)
+def _dpm1_step(den, hooks, x, pred, t: Node, s: Node) -> torch.Tensor:
+    return first_order(NOISE, x, t, s, pred.eps)
 
 
 R1, R2 = 1.0 / 3.0, 2.0 / 3.0  # DPM-Solver-3's intermediate points
 
 
-def _stage(den, hooks, x, eps, t, lam_t: float, rh: float) -> torch.Tensor:
+def _stage(den, hooks, x, eps, t: Node, rh: float) -> torch.Tensor:
     """``eps(u) - eps_t`` at ``u``, the first-order step from ``t`` to ``lambda_t + r h``."""
-    path = den.path
-    s1 = t_of_lam(path, lam_t + rh)
-    u = first_order(NOISE, path, x, t, s1, rh, eps)
-    return predict(den, u, s1, hooks).eps - eps
+    s1 = node_at(den.path, t.lam + rh)
+    u = first_order(NOISE, x, t, s1, eps)
+    return predict(den, u, s1.t, hooks).eps - eps
 
 
-def _dpm2_combine(path, x, eps, d1, t, s, h: float, r1: float) -> torch.Tensor:
+def _dpm2_combine(x, eps, d1, t: Node, s: Node, r1: float) -> torch.Tensor:
     """Alg. 1's update: ``A x - sigma_s (e^h - 1) [eps_t + D1 / (2 r1)]``."""
-    A, C = NOISE.coefs(path, t, s)
-    e1 = hphi(1, h, 1.0)  # e^h - 1
+    A, C = NOISE.coefs(t, s)
+    e1 = hphi(1, s.lam - t.lam, 1.0)  # e^h - 1
     return A * x + C * (e1 * eps + (e1 / (2 * r1)) * d1)
 
 
-def _dpm3_rest(den, hooks, x, eps, d1, t, s, lam_t: float, h: float) -> torch.Tensor:
+def _dpm3_rest(den, hooks, x, eps, d1, t: Node, s: Node) -> torch.Tensor:
     """Alg. 2 after the first stage: a second-order step to ``lambda_t + r2 h`` using
     ``D1``, then ``x_s = A x - sigma_s [(e^h - 1) eps_t + ((e^h - 1)/h - 1) D2 / r2]``."""
-    path = den.path
-    s2 = t_of_lam(path, lam_t + R2 * h)
-    A2, C2 = NOISE.coefs(path, t, s2)
+    h = s.lam - t.lam
+    s2 = node_at(den.path, t.lam + R2 * h)
+    A2, C2 = NOISE.coefs(t, s2)
     u2 = A2 * x + C2 * (hphi(1, R2 * h, 1.0) * eps + (hphi(2, R2 * h, 1.0) / (R1 * h)) * d1)
-    d2 = predict(den, u2, s2, hooks).eps - eps
-    A, C = NOISE.coefs(path, t, s)
+    d2 = predict(den, u2, s2.t, hooks).eps - eps
+    A, C = NOISE.coefs(t, s)
     return A * x + C * (hphi(1, h, 1.0) * eps + (hphi(2, h, 1.0) / (R2 * h)) * d2)
 
 
 def _dpm2_step(r1: float) -> StepFn:
-    def step(den, hooks, x, pred, t, s) -> torch.Tensor:
+    def step(den, hooks, x, pred, t: Node, s: Node) -> torch.Tensor:
         """DPM-Solver-2 (Lu et al. 2022, Alg. 1)."""
-        lam_t = lam(den.path, t)
-        h = lam(den.path, s) - lam_t
-        d1 = _stage(den, hooks, x, pred.eps, t, lam_t, r1 * h)
-        return _dpm2_combine(den.path, x, pred.eps, d1, t, s, h, r1)
+        d1 = _stage(den, hooks, x, pred.eps, t, r1 * (s.lam - t.lam))
+        return _dpm2_combine(x, pred.eps, d1, t, s, r1)
 
     return step
 
 
-def _dpm3_step(den, hooks, x, pred, t, s) -> torch.Tensor:
+def _dpm3_step(den, hooks, x, pred, t: Node, s: Node) -> torch.Tensor:
     """DPM-Solver-3 (Lu et al. 2022, Alg. 2) with ``r1 = 1/3, r2 = 2/3``."""
-    lam_t = lam(den.path, t)
-    h = lam(den.path, s) - lam_t
-    d1 = _stage(den, hooks, x, pred.eps, t, lam_t, R1 * h)
-    return _dpm3_rest(den, hooks, x, pred.eps, d1, t, s, lam_t, h)
+    d1 = _stage(den, hooks, x, pred.eps, t, R1 * (s.lam - t.lam))
+    return _dpm3_rest(den, hooks, x, pred.eps, d1, t, s)
 
 
 @register("dpm_solver_1", stochastic=False, order=1)
@@ -263,16 +266,13 @@ def dpm_solver_3(den: DenoiserBase, x: torch.Tensor, grid, *, noise=None,
 
 # ----- singlestep, data form (Lu et al. 2022b) ---------------------------------------------------
 def _dpmpp_2s_step(r: float) -> StepFn:
-    def step(den, hooks, x, pred, t, s) -> torch.Tensor:
+    def step(den, hooks, x, pred, t: Node, s: Node) -> torch.Tensor:
         """DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1)."""
-        path = den.path
-        lam_t = lam(path, t)
-        h = lam(path, s) - lam_t
-        s1 = t_of_lam(path, lam_t + r * h)
-        u = first_order(DATA, path, x, t, s1, r * h, pred.x0)
-        x0_u = predict(den, u, s1, hooks).x0
+        s1 = node_at(den.path, t.lam + r * (s.lam - t.lam))
+        u = first_order(DATA, x, t, s1, pred.x0)
+        x0_u = predict(den, u, s1.t, hooks).x0
         D = (1 - 1 / (2 * r)) * pred.x0 + (1 / (2 * r)) * x0_u
-        return first_order(DATA, path, x, t, s, h, D)
+        return first_order(DATA, x, t, s, D)
 
     return step
 
@@ -290,20 +290,19 @@ def dpmpp_2s(den: DenoiserBase, x: torch.Tensor, grid, *, r: float = 0.5, noise=
 def _multistep(den: DenoiserBase, x, grid, hooks, name: str, order: int, lower_order_final: bool,
                update: Callable) -> torch.Tensor:
     """Shared loop: one evaluation per step, history ``[(lambda_j, f_j)]`` newest last."""
-    path = den.path
     hooks, grid, x, times, to_zero = prepare(den, x, grid, hooks)
-    n, total = times.numel() - 1, grid.numel() - 1
+    knots, total = nodes(den.path, times), grid.numel() - 1
+    n = len(knots) - 1
     if n < order:
         warn_fallback(name, total, n, order)
     orders = step_orders(order, n, lower_order_final)
-    lams = [lam(path, t) for t in times]
     hist: list[tuple[float, torch.Tensor]] = []
     for i in range(n):
-        t, s = times[i], times[i + 1]
-        pred = predict(den, x, t, hooks)
-        hist = [*hist[-2:], (lams[i], update.form.output(pred))]
-        x = update(path, x, t, s, lams[i + 1] - lams[i], hist[-orders[i]:])
-        x = after_step(hooks, i, total, t, s, x, pred)
+        t, s = knots[i], knots[i + 1]
+        pred = predict(den, x, t.t, hooks)
+        hist = [*hist[-2:], (t.lam, update.form.output(pred))]
+        x = update(x, t, s, hist[-orders[i]:])
+        x = after_step(hooks, i, total, t.t, s.t, x, pred)
     return finish(den, x, times, to_zero, hooks)
 
 
@@ -316,13 +315,13 @@ class _Adams2:
 
     form: Form
 
-    def __call__(self, path, x, t, s, h, hist):
+    def __call__(self, x, t: Node, s: Node, hist):
         D = hist[-1][1]
         if len(hist) > 1:
-            (lam_p, f_p), (lam_t, f_t) = hist[-2], hist[-1]
-            r = (lam_t - lam_p) / h
+            (lam_p, f_p), (_, f_t) = hist[-2], hist[-1]
+            r = (t.lam - lam_p) / (s.lam - t.lam)
             D = (1 + 1 / (2 * r)) * f_t - (1 / (2 * r)) * f_p
-        return first_order(self.form, path, x, t, s, h, D)
+        return first_order(self.form, x, t, s, D)
 
 
 def newton_derivatives(hist: list[tuple[float, torch.Tensor]]) -> list[torch.Tensor]:
@@ -343,13 +342,13 @@ def newton_derivatives(hist: list[tuple[float, torch.Tensor]]) -> list[torch.Ten
 @dataclass(frozen=True)
 class _Taylor:
     """The truncated expansion ``x_s = A x_t + C sum_k h^(k+1) phi_(k+1) f^(k)`` (DPM-Solver
-    eq. 3.6 / DPM-Solver++ eq. 9) with derivatives from :func:`newton_derivatives`."""
+    eq. 3.6 / DPM-Solver++ Sec. 4.1) with derivatives from :func:`newton_derivatives`."""
 
     form: Form
 
-    def __call__(self, path, x, t, s, h, hist):
-        A, C = self.form.coefs(path, t, s)
-        out = A * x
+    def __call__(self, x, t: Node, s: Node, hist):
+        A, C = self.form.coefs(t, s)
+        h, out = s.lam - t.lam, A * x
         for k, d in enumerate(newton_derivatives(hist)):
             out = out + (C * hphi(k + 1, h, self.form.sign)) * d
         return out
@@ -367,7 +366,11 @@ def dpmpp_2m(den: DenoiserBase, x: torch.Tensor, grid, *, lower_order_final: boo
 def dpmpp_3m(den: DenoiserBase, x: torch.Tensor, grid, *, lower_order_final: bool = True,
              noise=None, hooks=None) -> torch.Tensor:
     """DPM-Solver++(3M) (Lu et al. 2022b, Sec. 4 / App.): data-form multistep of order 3, the
-    derivatives ``x0', x0''`` from the last three evaluations; warm-up at orders 1, 2."""
+    derivatives ``x0', x0''`` from the last three evaluations; warm-up at orders 1, 2.
+
+    The first-order first step caps the asymptotic order at 2 on a trajectory started where
+    ``x0_hat`` moves (SDEdit-style starts); from the prior, where it barely does, the method
+    shows its order 3 (see ``tests/samplers/test_solver_orders.py``)."""
     return _multistep(den, x, grid, hooks, "dpmpp_3m", 3, lower_order_final, _Taylor(DATA))
 
 
@@ -383,7 +386,7 @@ def dpm_solver_2m(den: DenoiserBase, x: torch.Tensor, grid, *, lower_order_final
 def dpm_solver_3m(den: DenoiserBase, x: torch.Tensor, grid, *, lower_order_final: bool = True,
                   noise=None, hooks=None) -> torch.Tensor:
     """Multistep DPM-Solver-3 in noise form: eq. 3.6 truncated at ``k = 2`` with ``eps', eps''``
-    from the last three evaluations."""
+    from the last three evaluations (warm-up as in :func:`dpmpp_3m`)."""
     return _multistep(den, x, grid, hooks, "dpm_solver_3m", 3, lower_order_final,
                       _Taylor(NOISE))
 
@@ -401,40 +404,37 @@ def dpmpp_2m_sde(den: DenoiserBase, x: torch.Tensor, grid, *, noise=None,
     part is DDPM's posterior step (DDIM with ``eta = 1``); the last step to ``t = 0`` returns
     ``x0_hat``.
     """
-    path = den.path
     hooks, grid, x, times, to_zero = prepare(den, x, grid, hooks)
     noise = as_noise(noise)
-    n, total = times.numel() - 1, grid.numel() - 1
-    lams = [lam(path, t) for t in times]
+    knots, total = nodes(den.path, times), grid.numel() - 1
     x0_prev = None
-    for i in range(n):
-        t, s = times[i], times[i + 1]
-        h = lams[i + 1] - lams[i]
-        pred = predict(den, x, t, hooks)
+    for i in range(len(knots) - 1):
+        t, s = knots[i], knots[i + 1]
+        h = s.lam - t.lam
+        pred = predict(den, x, t.t, hooks)
         one_m = -math.expm1(-2 * h)  # 1 - e^-2h
-        a_s, ratio = float(path.alpha(s)), float(path.sigma(s) / path.sigma(t))
-        drift = (a_s * one_m) * pred.x0
+        drift = (s.alpha * one_m) * pred.x0
         if x0_prev is not None:
-            slope = (pred.x0 - x0_prev) / (lams[i] - lams[i - 1])
-            drift = drift + (a_s * (h - 0.5 * one_m)) * slope
+            slope = (pred.x0 - x0_prev) / (t.lam - knots[i - 1].lam)
+            drift = drift + (s.alpha * (h - 0.5 * one_m)) * slope
         z = noise.randn_like(x)
-        x = (ratio * math.exp(-h)) * x + drift + (float(path.sigma(s)) * math.sqrt(one_m)) * z
+        x = (s.sigma / t.sigma * math.exp(-h)) * x + drift + (s.sigma * math.sqrt(one_m)) * z
         x0_prev = pred.x0
-        x = after_step(hooks, i, total, t, s, x, pred)
+        x = after_step(hooks, i, total, t.t, s.t, x, pred)
     return finish(den, x, times, to_zero, hooks)
 
 
 # ----- adaptive step size (Lu et al. 2022, Sec. 3.3 / App. C) ---------------------------------
-def _embedded_pair(den, hooks, x, eps, t, s, lam_t: float, h: float, order: int):
+def _embedded_pair(den, hooks, x, eps, t: Node, s: Node, order: int):
     """Lower- and higher-order results sharing evaluations: DPM-Solver-1 and -2 (``r1 = 1/2``),
     or DPM-Solver-2 (``r1 = 1/3``) and -3. Returns ``(x_low, x_high, evaluations used)``."""
+    h = s.lam - t.lam
     if order == 2:
-        d1 = _stage(den, hooks, x, eps, t, lam_t, 0.5 * h)
-        x_low = first_order(NOISE, den.path, x, t, s, h, eps)
-        return x_low, _dpm2_combine(den.path, x, eps, d1, t, s, h, 0.5), 1
-    d1 = _stage(den, hooks, x, eps, t, lam_t, R1 * h)
-    x_low = _dpm2_combine(den.path, x, eps, d1, t, s, h, R1)
-    return x_low, _dpm3_rest(den, hooks, x, eps, d1, t, s, lam_t, h), 2
+        d1 = _stage(den, hooks, x, eps, t, 0.5 * h)
+        return first_order(NOISE, x, t, s, eps), _dpm2_combine(x, eps, d1, t, s, 0.5), 1
+    d1 = _stage(den, hooks, x, eps, t, R1 * h)
+    x_low = _dpm2_combine(x, eps, d1, t, s, R1)
+    return x_low, _dpm3_rest(den, hooks, x, eps, d1, t, s), 2
 
 
 @register("dpm_adaptive", stochastic=False, order=3, evals_per_step=3)
@@ -465,15 +465,13 @@ def dpm_adaptive(den: DenoiserBase, x: torch.Tensor, grid, *, order: int = 3,
     path = den.path
     hooks, grid, x, _, to_zero = prepare(den, x, grid, hooks)
     t_end = torch.tensor(path.t_min if to_zero else float(grid[-1]), dtype=torch.float64)
-    t = grid[0]
-    lam_t, lam_end = lam(path, t), lam(path, t_end)
-    h, evals, step, pred = min(h_init, lam_end - lam_t), 0, 0, None
-    while lam_t < lam_end and h > 0:
+    t, end = nodes(path, grid[:1])[0], nodes(path, t_end[None])[0]
+    h, evals, step, pred = min(h_init, end.lam - t.lam), 0, 0, None
+    while t.lam < end.lam and h > 0:
         if pred is None:
-            pred, evals = predict(den, x, t, hooks), evals + 1
-        last = h >= lam_end - lam_t
-        s = t_end if last else t_of_lam(path, lam_t + h)
-        x_low, x_high, used = _embedded_pair(den, hooks, x, pred.eps, t, s, lam_t, h, order)
+            pred, evals = predict(den, x, t.t, hooks), evals + 1
+        s = end if h >= end.lam - t.lam else node_at(path, t.lam + h)
+        x_low, x_high, used = _embedded_pair(den, hooks, x, pred.eps, t, s, order)
         evals += used
         if evals > max_evals:
             raise DifflabError(f"dpm_adaptive needed more than max_evals={max_evals} "
@@ -481,12 +479,11 @@ def dpm_adaptive(den: DenoiserBase, x: torch.Tensor, grid, *, order: int = 3,
         delta = torch.maximum(x_low.abs(), x.abs()).mul(rtol).clamp_min(atol)
         err = float(((x_high - x_low) / delta).flatten(1).pow(2).mean(1).sqrt().max())
         if err <= 1.0:
-            x, t, lam_t = x_high, s, (lam_end if last else lam_t + h)
-            x = _adaptive_step_hook(hooks, step, t, x, pred)
+            x, t = _adaptive_step_hook(hooks, step, s.t, x_high, pred), s
             step, pred = step + 1, None
-        h = min(theta * h * max(err, 1e-10) ** (-1.0 / order), lam_end - lam_t)
+        h = min(theta * h * max(err, 1e-10) ** (-1.0 / order), end.lam - t.lam)
     if to_zero:
-        pred = predict(den, x, t_end, hooks)
+        pred = predict(den, x, end.t, hooks)
         x = _adaptive_step_hook(hooks, step, torch.zeros((), dtype=torch.float64), pred.x0, pred)
     return x
 

@@ -26,8 +26,8 @@ from difflab.samplers.noise import as_noise
 def _setup(den, x, grid, hooks):
     path = den.path
     grid, x = check_grid(grid, path), check_x(x)
-    sig = [float(path.sigma_ve(t)) if float(t) > 0 else 0.0 for t in grid]
-    alpha = [float(path.alpha(t)) for t in grid]
+    sig = path.sigma_ve(grid).tolist()  # 0 at t = 0 on every path
+    alpha = path.alpha(grid).tolist()
     return as_hooks(hooks), grid, x, sig, alpha
 
 

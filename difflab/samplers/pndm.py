@@ -30,14 +30,12 @@ import torch
 
 from difflab.denoiser import DenoiserBase
 from difflab.samplers.base import after_step, check_grid, predict, register
-from difflab.samplers.dpm_solver import finish, prepare, warn_fallback
+from difflab.samplers.dpm_solver import Node, finish, nodes, prepare, warn_fallback
 
 
-def transfer(path, x: torch.Tensor, eps: torch.Tensor, t, s) -> torch.Tensor:
+def transfer(x: torch.Tensor, eps: torch.Tensor, t: Node, s: Node) -> torch.Tensor:
     """PNDM eq. 11, the DDIM step from ``t`` to ``s`` with noise estimate ``eps``."""
-    a_s, a_t = float(path.alpha(s)), float(path.alpha(t))
-    d_rho = float(path.sigma_ve(s)) - float(path.sigma_ve(t))
-    return (a_s / a_t) * x + (a_s * d_rho) * eps
+    return (s.alpha / t.alpha) * x + (s.alpha * (s.rho - t.rho)) * eps
 
 
 def adams_bashforth_weights(rhos: list[float], rho_next: float) -> list[float]:
@@ -54,50 +52,53 @@ def adams_bashforth_weights(rhos: list[float], rho_next: float) -> list[float]:
     return np.linalg.solve(V, 1.0 / np.arange(1, k + 1)).tolist()
 
 
-def _linear_multistep(path, x, hist: list[tuple[float, torch.Tensor]], t, s) -> torch.Tensor:
+def _linear_multistep(x, hist: list[tuple[float, torch.Tensor]], t: Node, s: Node):
     """PNDM eq. 12 with variable-step weights; ``hist`` holds ``(rho_j, eps_j)``, newest last."""
-    nodes = hist[::-1]
-    weights = adams_bashforth_weights([r for r, _ in nodes], float(path.sigma_ve(s)))
-    eps = sum(w * e for w, (_, e) in zip(weights, nodes))
-    return transfer(path, x, eps, t, s)
+    newest_first = hist[::-1]
+    weights = adams_bashforth_weights([r for r, _ in newest_first], s.rho)
+    eps = sum(w * e for w, (_, e) in zip(weights, newest_first))
+    return transfer(x, eps, t, s)
 
 
-def _pseudo_runge_kutta(den, hooks, x, t, s):
+def _midpoint(path, t: Node, s: Node) -> Node:
+    """The node halfway between ``t`` and ``s`` in ``rho``."""
+    mid = path.t_from_sigma_ve(torch.tensor(0.5 * (t.rho + s.rho), dtype=torch.float64))
+    return nodes(path, mid[None])[0]
+
+
+def _pseudo_runge_kutta(den, hooks, x, t: Node, s: Node):
     """PNDM eq. 13 (midpoint in ``rho``); returns ``(x_s, prediction at t)``."""
-    path = den.path
-    mid = path.t_from_sigma_ve(0.5 * (path.sigma_ve(t) + path.sigma_ve(s)))
-    pred = predict(den, x, t, hooks)
+    mid = _midpoint(den.path, t, s)
+    pred = predict(den, x, t.t, hooks)
     e1 = pred.eps
-    e2 = predict(den, transfer(path, x, e1, t, mid), mid, hooks).eps
-    e3 = predict(den, transfer(path, x, e2, t, mid), mid, hooks).eps
-    e4 = predict(den, transfer(path, x, e3, t, s), s, hooks).eps
-    return transfer(path, x, (e1 + 2 * e2 + 2 * e3 + e4) / 6, t, s), pred
+    e2 = predict(den, transfer(x, e1, t, mid), mid.t, hooks).eps
+    e3 = predict(den, transfer(x, e2, t, mid), mid.t, hooks).eps
+    e4 = predict(den, transfer(x, e3, t, s), s.t, hooks).eps
+    return transfer(x, (e1 + 2 * e2 + 2 * e3 + e4) / 6, t, s), pred
 
 
-def _pseudo_improved_euler(den, hooks, x, t, s):
+def _pseudo_improved_euler(den, hooks, x, t: Node, s: Node):
     """Pseudo improved Euler (PNDM's S-PNDM warm-up, LDM's PLMS first step):
     ``eps' = (e_t + e(phi(x_t, e_t)))/2``; returns ``(x_s, prediction at t)``."""
-    path = den.path
-    pred = predict(den, x, t, hooks)
-    e2 = predict(den, transfer(path, x, pred.eps, t, s), s, hooks).eps
-    return transfer(path, x, 0.5 * (pred.eps + e2), t, s), pred
+    pred = predict(den, x, t.t, hooks)
+    e2 = predict(den, transfer(x, pred.eps, t, s), s.t, hooks).eps
+    return transfer(x, 0.5 * (pred.eps + e2), t, s), pred
 
 
 def _pseudo(den: DenoiserBase, x, grid, hooks, warmup, warmup_steps: int) -> torch.Tensor:
-    path = den.path
     hooks, grid, x, times, to_zero = prepare(den, x, grid, hooks)
-    n, total = times.numel() - 1, grid.numel() - 1
+    knots, total = nodes(den.path, times), grid.numel() - 1
     hist: list[tuple[float, torch.Tensor]] = []
-    for i in range(n):
-        t, s = times[i], times[i + 1]
+    for i in range(len(knots) - 1):
+        t, s = knots[i], knots[i + 1]
         if i < warmup_steps:
             x_next, pred = warmup(den, hooks, x, t, s)
-            hist.append((float(path.sigma_ve(t)), pred.eps))
+            hist.append((t.rho, pred.eps))
         else:
-            pred = predict(den, x, t, hooks)
-            hist = [*hist[-3:], (float(path.sigma_ve(t)), pred.eps)]
-            x_next = _linear_multistep(path, x, hist, t, s)
-        x = after_step(hooks, i, total, t, s, x_next, pred)
+            pred = predict(den, x, t.t, hooks)
+            hist = [*hist[-3:], (t.rho, pred.eps)]
+            x_next = _linear_multistep(x, hist, t, s)
+        x = after_step(hooks, i, total, t.t, s.t, x_next, pred)
     return finish(den, x, times, to_zero, hooks)
 
 

@@ -7,7 +7,7 @@ and ``D_k = m_(i-k) - m_i``, a step of order ``p`` reads
     x_s = (sigma_s / sigma_t) x_t + alpha_s [(1 - e^-h) m_i + B(h) sum_k a_k D_k / r_k].
 
 Expanding ``D_k / r_k`` in powers of ``r_k h`` and matching the Taylor expansion of the exact
-solution (DPM-Solver++ eq. 9) gives the order conditions (UniPC Sec. 3, ``R_p a_p = g_p``)
+solution (DPM-Solver++ Sec. 4.1) gives the order conditions (UniPC Sec. 3, ``R_p a_p = g_p``)
 
     sum_k a_k r_k^(n-1) = g_n = n! h phi_(n+1)(-h) / B(h),    n = 1 .. (number of D_k).
 
@@ -18,10 +18,12 @@ replaced by UniPC's constant ``a_1 = 1/2`` (the B(h) variant), otherwise solved 
 ``B1(h) = h`` (``bh1``) and ``B2(h) = e^h - 1`` (``bh2``; in the data form ``h -> -h`` up to sign,
 i.e. ``1 - e^-h``); they differ only through that constant.
 
-Warm-up: orders ``1, 2, ..`` up to ``order`` as history accumulates (the first, UniC-corrected
-step is second order, so UniPC-3 converges at order 3 overall). The last step is not corrected
-(no further evaluation); a grid ending at 0 returns ``x0_hat`` at the last predicted point,
-whose evaluation UniC would have needed anyway. ``lower_order_final`` as in DPM-Solver++.
+Warm-up: orders ``1, 2, ..`` up to ``order`` as history accumulates. The first, UniC-corrected
+step is second order, so UniPC-3 converges at order 3 overall although its corrected steps are
+of order 4 (from the prior, where that first step barely matters, it behaves like order 4).
+The last step is not corrected (no further evaluation); a grid ending at 0 returns ``x0_hat``
+at the last predicted point, whose evaluation UniC would have needed anyway.
+``lower_order_final`` as in DPM-Solver++.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from difflab.samplers.dpm_solver import (
     DATA,
     finish,
     hphi,
-    lam,
+    nodes,
     prepare,
     step_orders,
     warn_fallback,
@@ -75,36 +77,33 @@ def _unipc(den: DenoiserBase, x, grid, hooks, name: str, B_of: Callable[[float],
            order: int, corrector: bool, lower_order_final: bool) -> torch.Tensor:
     if order not in (1, 2, 3):
         raise bad_value("order", order, "1, 2 or 3")
-    path = den.path
     hooks, grid, x, times, to_zero = prepare(den, x, grid, hooks)
-    n, total = times.numel() - 1, grid.numel() - 1
+    knots, total = nodes(den.path, times), grid.numel() - 1
+    n = len(knots) - 1
     if n < order:
         warn_fallback(name, total, n, order)
     orders = step_orders(order, n, lower_order_final)
-    lams = [lam(path, t) for t in times]
-    pred = predict(den, x, times[0], hooks)
-    hist = [(lams[0], pred.x0)]  # (lambda_j, m_j), newest last
+    pred = predict(den, x, knots[0].t, hooks)
+    hist = [(knots[0].lam, pred.x0)]  # (lambda_j, m_j), newest last
     for i in range(n):
-        t, s = times[i], times[i + 1]
-        h, p = lams[i + 1] - lams[i], orders[i]
-        A, C = DATA.coefs(path, t, s)
-        B = B_of(h)
-        m_i = hist[-1][1]
+        t, s = knots[i], knots[i + 1]
+        h = s.lam - t.lam
+        A, C = DATA.coefs(t, s)
+        B, m_i = B_of(h), hist[-1][1]
         base = A * x + (C * hphi(1, h, -1.0)) * m_i  # DDIM / DPM-Solver++1
-        older = hist[-p:-1][::-1]  # m_(i-1), ..., m_(i-p+1)
-        rs = [(lam_k - lams[i]) / h for lam_k, _ in older]
+        older = hist[-orders[i]:-1][::-1]  # m_(i-1), ..., m_(i-p+1)
+        rs = [(lam_k - t.lam) / h for lam_k, _ in older]
         ds = [m_k - m_i for _, m_k in older]
         x_pred = _combine(base, C * B, rs, ds, h, B)  # UniP-p
-        if i == n - 1 and not to_zero:
-            x = after_step(hooks, i, total, t, s, x_pred, pred)
-            break
-        pred = predict(den, x_pred, s, hooks)
+        if i == n - 1 and not to_zero:  # no evaluation follows: no correction
+            return after_step(hooks, i, total, t.t, s.t, x_pred, pred)
+        pred = predict(den, x_pred, s.t, hooks)
         x = x_pred
-        if corrector and i < n - 1:  # UniC-p: one more difference, at r = 1
+        if corrector and i < n - 1:  # UniC-p: one more difference, D_p at r_p = 1
             x = _combine(base, C * B, [*rs, 1.0], [*ds, pred.x0 - m_i], h, B)
-        hist = [*hist[-2:], (lams[i + 1], pred.x0)]
-        x = after_step(hooks, i, total, t, s, x, pred)
-    return finish(den, x, times, to_zero, hooks, pred=pred if to_zero else None)
+        hist = [*hist[-2:], (s.lam, pred.x0)]
+        x = after_step(hooks, i, total, t.t, s.t, x, pred)
+    return finish(den, x, times, to_zero, hooks, pred=pred)
 
 
 @register("unipc_bh1", stochastic=False, order=3)

@@ -15,6 +15,7 @@ import difflab.samplers.pndm  # noqa: F401  (registers the solvers)
 from difflab.paths import EDM, VP
 from difflab.prediction import Prediction
 from difflab.samplers import sample, timesteps
+from difflab.samplers.dpm_solver import nodes
 from difflab.samplers.pndm import adams_bashforth_weights, transfer
 from difflab.testing import GaussianMixture
 
@@ -43,12 +44,13 @@ def test_variable_step_weights_integrate_cubics_exactly():
 
 @pytest.mark.parametrize("path", [VP.discrete_linear(), EDM()], ids=["vp", "edm"])
 def test_transfer_is_the_ddim_step(path):
-    t, s = torch.tensor(0.7 if path.t_max == 1.0 else 20.0, dtype=torch.float64), None
+    t = torch.tensor(0.7 if path.t_max == 1.0 else 20.0, dtype=torch.float64)
     s = t * 0.4
     x, eps = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     pred = Prediction.from_output("eps", eps, x, t, path)
     ddim = float(path.alpha(s)) * pred.x0 + float(path.sigma(s)) * eps  # DDIM eq. 12, eta = 0
-    torch.testing.assert_close(transfer(path, x, eps, t, s), ddim, rtol=1e-12, atol=1e-12)
+    node_t, node_s = nodes(path, torch.stack([t, s]))
+    torch.testing.assert_close(transfer(x, eps, node_t, node_s), ddim, rtol=1e-12, atol=1e-12)
 
 
 def test_plms_warns_once_when_the_grid_is_too_short_and_pndm_never():
