@@ -30,6 +30,7 @@ from difflab.evaluation.metrics import (
     fid_from_features,
     inception_score,
     kid,
+    knn_radii,
     precision_recall,
     split_halves,
 )
@@ -66,11 +67,13 @@ def evaluate_features(
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
     k: int = 3,
+    reference_radii: torch.Tensor | None = None,
 ) -> dict[str, Score]:
     """The requested metrics of ``fake`` features against ``reference`` features.
 
     Returns a dict with keys among ``fid``, ``kid``, ``precision``, ``recall``, ``is``
-    (``pr`` gives both ``precision`` and ``recall``; ``is`` needs ``logits`` of the fake set).
+    (``pr`` gives both ``precision`` and ``recall``; ``is`` needs ``logits`` of the fake set;
+    ``reference_radii`` are the reference's ``k``-NN radii when already known).
     """
     out: dict[str, Score] = {}
     for m in check_metrics(metrics):
@@ -79,7 +82,7 @@ def evaluate_features(
         elif m == "kid":
             out["kid"] = kid(reference, fake, kid_subsets, kid_subset_size, generator)
         elif m == "pr":
-            pr = precision_recall(reference, fake, k)
+            pr = precision_recall(reference, fake, k, reference_radii)
             out["precision"], out["recall"] = pr.precision, pr.recall
         elif logits is not None:
             out["is"] = inception_score(logits, splits=min(10, logits.shape[0]))
@@ -109,6 +112,16 @@ class RealReference:
         a, b = split_halves(feats.shape[0], generator)
         self.reference, self.holdout = feats[a], feats[b]
         self.holdout_images = real_images[b]
+        self._radii: dict[int, torch.Tensor] = {}
+
+    def _metric_kwargs(self, metrics: list[str], kwargs: dict) -> dict:
+        """Add the reference's cached k-NN radii (computed once per ``k``) for ``pr``."""
+        if "pr" in metrics:
+            k = kwargs.get("k", 3)
+            if k not in self._radii:
+                self._radii[k] = knn_radii(self.reference, k)
+            kwargs = {**kwargs, "reference_radii": self._radii[k]}
+        return kwargs
 
     def evaluate(self, fake_images: torch.Tensor, metrics: Sequence[str] = ("fid", "kid", "pr"),
                  progress: bool = False, **kwargs) -> dict[str, Score]:
@@ -120,7 +133,7 @@ class RealReference:
         logits = (self.extractor.logits(fake_images, progress=progress) if "is" in metrics
                   else None)
         return evaluate_features(self.reference, feats, metrics, logits, self.generator,
-                                 **kwargs)
+                                 **self._metric_kwargs(metrics, kwargs))
 
     def floor(self, n: int | None = None, metrics: Sequence[str] = ("fid", "kid", "pr"),
               **kwargs) -> dict[str, Score]:
@@ -130,6 +143,6 @@ class RealReference:
         metrics = check_metrics(metrics)
         logits = (self.extractor.logits(self.holdout_images[:m]) if "is" in metrics else None)
         out = evaluate_features(self.reference, self.holdout[:m], metrics, logits,
-                                self.generator, **kwargs)
+                                self.generator, **self._metric_kwargs(metrics, kwargs))
         return {k: Score(f"{v.name} floor", v.value, v.n_fake, v.n_real, v.std, v.stderr)
                 for k, v in out.items()}

@@ -296,7 +296,8 @@ class PrecisionRecall:
         return f"{self.precision}; {self.recall} (k={self.k})"
 
 
-def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3) -> PrecisionRecall:
+def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3,
+                     real_radii: torch.Tensor | None = None) -> PrecisionRecall:
     """Improved precision and recall (Kynkaanniemi et al. 2019, eqs. 1-3).
 
     Each set's manifold is the union of balls around its points with radius the distance to the
@@ -308,13 +309,17 @@ def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3) -> PrecisionR
         real: reference features ``(N_r, D)``.
         fake: generated features ``(N_f, D)``.
         k: neighbourhood size (the paper uses 3).
+        real_radii: ``knn_radii(real, k)`` when already computed (a fixed reference set).
 
     Returns:
         :class:`PrecisionRecall` with two :class:`Score` values in ``[0, 1]``.
     """
     r, f = as_features(real, "real"), as_features(fake, "fake")
     _check_pair(r, f)
-    precision = manifold_coverage(f, r, knn_radii(r, k)).double().mean()
+    radii = knn_radii(r, k) if real_radii is None else real_radii
+    if radii.shape != (r.shape[0],):
+        raise bad_value("real_radii.shape", tuple(radii.shape), f"({r.shape[0]},)")
+    precision = manifold_coverage(f, r, radii).double().mean()
     recall = manifold_coverage(r, f, knn_radii(f, k)).double().mean()
     n_f, n_r = f.shape[0], r.shape[0]
     return PrecisionRecall(Score("precision", float(precision), n_fake=n_f, n_real=n_r),

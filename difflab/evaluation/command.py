@@ -1,0 +1,324 @@
+"""The ``difflab eval`` and ``difflab compare`` commands (``register(subparsers)`` for the CLI).
+
+``difflab eval RUN --samplers ddim:10,dpmpp_2m:20 --guidance cfg:1,cfg:3 --metrics fid,kid,pr,nll
+--n 5000`` generates ``n`` samples per (sampler, guidance) setting once (saved as
+``RUN/eval/samples/<setting>.npy`` and reused by every metric and later calls with the same
+checkpoint, seed and n), extracts features of those and of the run's dataset with the dataset's
+extractor, and writes ``RUN/eval/report.md``, ``report.json``, ``grids/<setting>.png`` and plots.
+``difflab compare RUN_A RUN_B ...`` puts their reports in one table and one plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from difflab.errors import DifflabError, bad_value
+from difflab.evaluation.evaluate import FEATURE_METRICS, RealReference
+from difflab.evaluation.features import dataset_tensors, extractor_for_dataset, get_extractor
+from difflab.evaluation.report import read_report, write_comparison, write_report
+
+METRICS = (*FEATURE_METRICS, "nll")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One generated set: a sampler with its steps, and an optional CFG scale."""
+
+    sampler: str
+    steps: int
+    scale: float | None = None
+
+    @property
+    def guidance(self) -> str:
+        return "none" if self.scale is None else f"cfg:{self.scale:g}"
+
+    @property
+    def slug(self) -> str:
+        g = "" if self.scale is None else f"_cfg-{self.scale:g}"
+        return f"{self.sampler}-{self.steps}{g}"
+
+
+def parse_samplers(text: str) -> list[tuple[str, int]]:
+    """``"ddim:10,ddpm:1000"`` -> ``[("ddim", 10), ("ddpm", 1000)]`` (names checked against the
+    sampler registry)."""
+    from difflab.samplers import SAMPLERS
+
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, steps = item.partition(":")
+        if name not in SAMPLERS:
+            raise bad_value("--samplers", item, f"NAME:STEPS with NAME one of {sorted(SAMPLERS)}")
+        if not steps.isdigit() or int(steps) < 1:
+            raise bad_value("--samplers", item, "NAME:STEPS with STEPS a positive int, e.g. "
+                            "ddim:50")
+        out.append((name, int(steps)))
+    if not out:
+        raise bad_value("--samplers", text, "a comma-separated list like ddim:10,ddpm:1000")
+    return out
+
+
+def parse_guidance(text: str | None) -> list[float | None]:
+    """``"none,cfg:1,cfg:3"`` -> ``[None, 1.0, 3.0]`` (``None``: unguided)."""
+    if not text:
+        return [None]
+    out: list[float | None] = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        kind, _, scale = item.partition(":")
+        if item == "none":
+            out.append(None)
+            continue
+        try:
+            value = float(scale)
+        except ValueError:
+            value = None
+        if kind != "cfg" or value is None:
+            raise bad_value("--guidance", item, "'none' or cfg:SCALE (e.g. cfg:1,cfg:3)")
+        out.append(value)
+    return out
+
+
+def parse_metrics(text: str) -> list[str]:
+    """``"fid,kid,pr,nll"`` -> the list, each checked against :data:`METRICS`."""
+    out = [m.strip().lower() for m in text.split(",") if m.strip()]
+    for m in out:
+        if m not in METRICS:
+            raise bad_value("--metrics", m, f"a comma-separated subset of {', '.join(METRICS)}")
+    return out
+
+
+@dataclass
+class EvalRun:
+    """What evaluation needs from a run folder."""
+
+    run_dir: Path
+    config: object
+    denoiser: object
+    shape: tuple[int, int, int]
+    step: int
+    num_classes: int | None
+
+
+def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None) -> EvalRun:
+    """Load ``RUN/config.toml`` and the EMA weights of a checkpoint (default: latest), through
+    :func:`difflab.training.load_run`."""
+    try:
+        from difflab.training import load_run as _load
+    except ImportError as e:  # the trainer is a separate module
+        raise DifflabError(f"loading runs needs difflab.training ({e})") from e
+    run = _load(run_dir, checkpoint=checkpoint, ema=True)
+    m = run.config.model
+    classes = m.num_classes if getattr(m, "class_cond", False) else None
+    return EvalRun(Path(run_dir), run.config, run.denoiser, run.sample_shape, run.step, classes)
+
+
+def guided(run: EvalRun, scale: float | None, labels: torch.Tensor | None):
+    """The denoiser for one batch: conditional on ``labels``, with CFG at ``scale``."""
+    den = run.denoiser
+    if scale is None:
+        return den if labels is None else den.bind(_cond(labels))
+    if run.num_classes is None:
+        raise DifflabError(f"--guidance cfg:{scale:g} is not available for this run: its model "
+                           "is not class-conditional (model.class_cond = false)")
+    from difflab.guidance import cfg
+
+    null = torch.full_like(labels, run.num_classes)  # the null class id (Cond docs)
+    return cfg(den, _cond(labels), _cond(null), scale)
+
+
+def _cond(labels: torch.Tensor):
+    from difflab.cond import Cond
+
+    return Cond(labels=labels)
+
+
+@torch.no_grad()
+def generate(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
+             progress: bool) -> torch.Tensor:
+    """``n`` samples of one setting; sample ``i`` has its own noise stream (batch-invariant)."""
+    from difflab.samplers import PerSampleNoise, get_sampler, sample
+    from difflab.training.sampling import sample_seeds, sampling_grid
+
+    spec = get_sampler(setting.sampler)
+    grid = sampling_grid(run.denoiser.path, setting.steps)
+    seeds = sample_seeds(seed, n)
+    labels = None if run.num_classes is None else torch.arange(n) % run.num_classes
+    out = []
+    for lo in tqdm(range(0, n, batch_size), desc=f"sampling {setting.slug}", disable=not progress,
+                   unit="batch"):
+        hi = min(n, lo + batch_size)
+        noise = PerSampleNoise(seeds[lo:hi])
+        x = run.denoiser.path.prior_sample((hi - lo, *run.shape), noise=noise)
+        den = guided(run, setting.scale, None if labels is None else labels[lo:hi])
+        kw = {"noise": noise} if "noise" in spec.options() else {}
+        out.append(sample(setting.sampler, den, x, grid, **kw).float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def cached_samples(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
+                   out_dir: Path, progress: bool) -> tuple[torch.Tensor, Path, float]:
+    """Samples of a setting from ``out_dir/samples`` when generated before with the same
+    checkpoint, n and seed; else generated and saved. Returns ``(samples, file, seconds)``."""
+    file = out_dir / "samples" / f"{setting.slug}.npy"
+    meta_file = file.with_suffix(".json")
+    meta = {"step": run.step, "n": n, "seed": seed, "setting": setting.slug}
+    if file.is_file() and meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
+        return torch.from_numpy(np.load(file)), file, 0.0
+    start = time.perf_counter()
+    x = generate(run, setting, n, seed, batch_size, progress)
+    seconds = time.perf_counter() - start
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.stem}.tmp-{os.getpid()}.npy")
+    np.save(tmp, x.numpy())
+    os.replace(tmp, file)
+    meta_file.write_text(json.dumps(meta))
+    return x, file, seconds
+
+
+def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = None) -> dict:
+    """Bits/dim of ``n`` real images from :mod:`difflab.likelihood` (the discrete VLB on discrete
+    paths, over every step or a ``steps``-step respacing; the probability-flow ODE otherwise),
+    or ``{"value": None, "note": why}``."""
+    try:
+        from difflab import likelihood as lk
+        from difflab.paths import DiscreteVP
+    except ImportError as e:
+        return {"value": None, "note": f"difflab.likelihood unavailable ({e})"}
+    x = real[:n]
+    den = run.denoiser if run.num_classes is None else run.denoiser.bind(
+        _cond(torch.full((x.shape[0],), run.num_classes)))  # unconditional likelihood
+    g = torch.Generator().manual_seed(0)
+    if isinstance(den.path, DiscreteVP):
+        from difflab.samplers.timesteps import discrete
+
+        grid = None if steps is None else discrete(den.path, steps, spacing="linspace")
+        res, how = lk.vlb(den, x, grid=grid, generator=g), "discrete VLB"
+    else:
+        res, how = lk.ode_likelihood(den, x, dequantize_bits=8, generator=g), "PF-ODE"
+    s = res.summary()
+    return {"name": f"NLL ({how})", "value": s["bpd"], "stderr": s["stderr"],
+            "n_fake": 0, "n_real": int(s["n"]), "std": None}
+
+
+def evaluate_run(args: argparse.Namespace) -> dict:
+    """Everything ``difflab eval`` does; returns the report dict (also written to disk)."""
+    from difflab.config import build_dataset
+
+    samplers, scales = parse_samplers(args.samplers), parse_guidance(args.guidance)
+    metrics = parse_metrics(args.metrics)
+    run = load_run(args.run, args.checkpoint)
+    if run.num_classes is None and any(s is not None for s in scales):
+        raise DifflabError("--guidance cfg:... is not available for this run: its model is not "
+                           "class-conditional (model.class_cond = false); drop --guidance")
+    out_dir = Path(args.out) if args.out else run.run_dir / "eval"
+    data = build_dataset(run.config)
+    real, _ = dataset_tensors(data)
+    name = args.extractor or extractor_for_dataset(run.config.data.name)
+    ext = get_extractor(name, data if name != "inception" else None, train=args.train_extractor,
+                        progress=args.progress, inception_weights=args.inception_weights)
+    g = torch.Generator().manual_seed(args.seed)
+    feature_metrics = [m for m in metrics if m != "nll"]
+    ref = RealReference(ext, real, g, progress=args.progress)
+    report = {"run": str(run.run_dir), "step": run.step, "n": args.n,
+              "n_reference": int(ref.reference.shape[0]), "extractor": ext.meta,
+              "floor": {}, "settings": [], "notes": []}
+    if args.n > ref.holdout.shape[0]:
+        report["notes"].append(f"the floor uses {ref.holdout.shape[0]} held-out real images "
+                               f"(fewer than n={args.n}): the dataset is too small")
+    if feature_metrics:
+        floor = ref.floor(args.n, feature_metrics, kid_subsets=args.kid_subsets)
+        report["floor"] = {k: v.to_dict() for k, v in floor.items()}
+    if "nll" in metrics:
+        report["likelihood"] = likelihood(run, real, args.nll_n, args.nll_steps)
+    (out_dir / "grids").mkdir(parents=True, exist_ok=True)
+    for (sampler, steps) in samplers:
+        for scale in scales:
+            report["settings"].append(_evaluate_setting(
+                run, Setting(sampler, steps, scale), ref, feature_metrics, args, out_dir))
+    write_report(report, out_dir)
+    return report
+
+
+def _evaluate_setting(run: EvalRun, setting: Setting, ref: RealReference, metrics: list[str],
+                      args: argparse.Namespace, out_dir: Path) -> dict:
+    from difflab.data import save_image_grid
+    from difflab.samplers import get_sampler
+
+    x, file, seconds = cached_samples(run, setting, args.n, args.seed, args.batch_size, out_dir,
+                                      args.progress)
+    grid = out_dir / "grids" / f"{setting.slug}.png"
+    save_image_grid(x[:64], grid, nrow=8)
+    scores = {k: v.to_dict() for k, v in ref.evaluate(
+        x, metrics, args.progress, kid_subsets=args.kid_subsets).items()}
+    nfe = setting.steps * get_sampler(setting.sampler).evals_per_step
+    return {"sampler": setting.sampler, "steps": setting.steps, "nfe": nfe,
+            "guidance": setting.guidance, "scale": setting.scale, "n": int(x.shape[0]),
+            "scores": scores, "samples": str(file.relative_to(out_dir)),
+            "grid": str(grid.relative_to(out_dir)), "seconds": seconds}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    report = evaluate_run(args)
+    out_dir = Path(args.out) if args.out else Path(args.run) / "eval"
+    fl = report["floor"].get("fid")
+    for s in report["settings"]:
+        fid = s["scores"].get("fid")
+        extra = f" (floor {fl['value']:.4g})" if fid and fl else ""
+        print(f"{s['sampler']}:{s['steps']} {s['guidance']}: " + ", ".join(
+            f"{k}={v['value']:.4g}" for k, v in s["scores"].items()) + extra + f" [n={s['n']}]")
+    print(f"wrote {out_dir / 'report.md'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    reports = [read_report(r) for r in args.runs]
+    paths = write_comparison(reports, args.out, args.metric)
+    print(f"wrote {paths['markdown']}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``eval`` and ``compare`` to the ``difflab`` command's sub-parsers."""
+    p = subparsers.add_parser(
+        "eval", help="sample quality (FID/KID/precision-recall/IS) and likelihood of a run",
+        description="Generate n samples per sampler / guidance setting (saved and reused), "
+        "compare them with the run's dataset through a feature extractor and write "
+        "RUN/eval/report.md, report.json, sample grids and plots. Every FID is printed with the "
+        "real-versus-real floor and the sample counts.",
+        epilog="example:\n  difflab eval runs/mnist --samplers ddim:10,ddim:50 --metrics "
+        "fid,kid,pr --n 5000 --train-extractor")
+    p.add_argument("run", help="run folder (config.toml + checkpoints/step_N)")
+    p.add_argument("--samplers", default="ddim:50", help="NAME:STEPS list (default ddim:50)")
+    p.add_argument("--guidance", default=None, help="'none' and/or cfg:SCALE list (class-"
+                   "conditional runs only)")
+    p.add_argument("--metrics", default="fid,kid,pr", help=f"subset of {','.join(METRICS)}")
+    p.add_argument("--n", type=int, default=5000, help="samples per setting (default 5000)")
+    p.add_argument("--nll-n", type=int, default=256, help="real images for nll (default 256)")
+    p.add_argument("--nll-steps", type=int, default=None, help="respaced VLB steps for nll "
+                   "on discrete paths (default: every step)")
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="step_N (default: the latest)")
+    p.add_argument("--extractor", default=None, help="feature extractor (default: the "
+                   "dataset's, e.g. mnist-lenet; 'inception' needs local weights)")
+    p.add_argument("--train-extractor", action="store_true", help="train (and cache) the "
+                   "dataset's extractor if it is not cached yet")
+    p.add_argument("--inception-weights", default=None, help="Inception-v3 weights file")
+    p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(func=cmd_eval)
+    c = subparsers.add_parser("compare", help="one table and plot across evaluated runs",
+                              description="Compare the eval reports of several runs.")
+    c.add_argument("runs", nargs="+", help="run folders (with eval/report.json) or reports")
+    c.add_argument("--out", default="compare", help="output folder (default ./compare)")
+    c.add_argument("--metric", default="fid", help="metric of the plot (default fid)")
+    c.set_defaults(func=cmd_compare)

@@ -1,0 +1,160 @@
+"""Reports, plots, option parsing, and the ``eval`` / ``compare`` commands end to end."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from difflab.errors import DifflabError
+from difflab.evaluation.command import (
+    EvalRun,
+    Setting,
+    guided,
+    parse_guidance,
+    parse_metrics,
+    parse_samplers,
+    register,
+)
+from difflab.evaluation.metrics import Score
+from difflab.evaluation.report import read_report, write_comparison, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _score(name, value, n=5000, stderr=None):
+    return Score(name, value, n_fake=n, n_real=n, stderr=stderr).to_dict()
+
+
+def _report(run="runs/a", offset=0.0):
+    settings = []
+    for sampler, steps in (("ddim", 10), ("ddim", 50), ("ddpm", 1000)):
+        for scale in (1.0, 3.0):
+            fid = 50.0 / steps + scale + offset
+            settings.append({
+                "sampler": sampler, "steps": steps, "nfe": steps, "guidance": f"cfg:{scale:g}",
+                "scale": scale, "n": 5000,
+                "scores": {"fid": _score("FID", fid), "kid": _score("KID", fid / 1e3, stderr=1e-4),
+                           "precision": _score("precision", 0.6 + 0.1 * scale),
+                           "recall": _score("recall", 0.8 - 0.1 * scale)}})
+    return {"run": run, "step": 3000, "n": 5000, "n_reference": 5000,
+            "extractor": {"name": "mnist-lenet", "score": 0.985, "score_kind": "accuracy"},
+            "floor": {"fid": _score("FID floor", 1.25), "kid": _score("KID floor", 1e-4),
+                      "precision": _score("precision floor", 0.9),
+                      "recall": _score("recall floor", 0.9)},
+            "likelihood": {"name": "NLL (discrete VLB)", "value": 1.23, "stderr": 0.01,
+                           "n_real": 256},
+            "settings": settings}
+
+
+def test_report_files_table_floor_and_plots(tmp_path):
+    paths = write_report(_report(), tmp_path)
+    md = paths["markdown"].read_text()
+    # every FID cell carries the floor and the sample counts
+    fid_cells = [line for line in md.splitlines() if line.startswith("| ddim") or
+                 line.startswith("| ddpm")]
+    assert len(fid_cells) == 6
+    assert all("(floor 1.25) [n=5000 vs 5000]" in line for line in fid_cells)
+    row = "| ddim | 10 | 10 | cfg:3 | 5000 | 8 (floor 1.25) [n=5000 vs 5000] | 0.008 ± 0.0001 |"
+    assert row in md
+    assert "held-out accuracy 98.50%" in md and "1.23 ± 0.01 bits/dim on 256" in md
+    assert {p.name for p in paths["plots"]} == {"fid_vs_nfe.png", "kid_vs_nfe.png",
+                                                 "precision_recall.png"}
+    for p in paths["plots"]:
+        assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 5000
+        assert f"]({p.name})" in md
+    back = json.loads(paths["json"].read_text())
+    assert back["settings"] == _report()["settings"]
+    assert read_report(tmp_path) == back
+
+
+def test_unavailable_metric_is_reported_not_hidden(tmp_path):
+    rep = _report()
+    rep["likelihood"] = {"value": None, "note": "difflab.likelihood unavailable"}
+    md = write_report(rep, tmp_path)["markdown"].read_text()
+    assert "n/a (difflab.likelihood unavailable)" in md
+
+
+def test_comparison_has_one_table_and_one_plot(tmp_path):
+    paths = write_comparison([_report("runs/a"), _report("runs/b", offset=2.0)], tmp_path)
+    md = paths["markdown"].read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| runs/")]
+    assert len(rows) == 12 and sum("runs/b" in r for r in rows) == 6
+    assert md.count("| run | sampler |") == 1  # one table
+    assert paths["plot"].read_bytes()[:8] == PNG_MAGIC
+    assert "FID: 1.25" in md  # each run's floor listed
+
+
+def test_option_parsing():
+    assert parse_samplers("ddim:10, ddpm:1000") == [("ddim", 10), ("ddpm", 1000)]
+    assert parse_guidance("none,cfg:1,cfg:3.5") == [None, 1.0, 3.5]
+    assert parse_guidance(None) == [None]
+    assert parse_metrics("FID,kid,pr,nll") == ["fid", "kid", "pr", "nll"]
+    with pytest.raises(DifflabError, match=r"--samplers='nope:10'.*NAME one of"):
+        parse_samplers("nope:10")
+    with pytest.raises(DifflabError, match="STEPS a positive int"):
+        parse_samplers("ddim:x")
+    with pytest.raises(DifflabError, match=r"--guidance='pag:2'.*cfg:SCALE"):
+        parse_guidance("pag:2")
+    with pytest.raises(DifflabError, match=r"--metrics='lpips'"):
+        parse_metrics("fid,lpips")
+    assert Setting("ddim", 10, 3.0).slug == "ddim-10_cfg-3"
+    assert Setting("ddpm", 1000).guidance == "none"
+
+
+def test_guidance_on_an_unconditional_run_is_a_clear_error():
+    run = EvalRun(run_dir=None, config=None, denoiser=object(), shape=(1, 8, 8), step=0,
+                  num_classes=None)
+    with pytest.raises(DifflabError, match="cfg:3 is not available for this run"):
+        guided(run, 3.0, torch.zeros(4, dtype=torch.long))
+
+
+# The end-to-end test needs the trainer to make a run folder (config.toml + checkpoint).
+HAVE_TRAINER = all(importlib.util.find_spec(m) is not None
+                   for m in ("difflab.training", "difflab.config"))
+
+
+@pytest.mark.skipif(not HAVE_TRAINER, reason="needs difflab.training and difflab.config "
+                    "(the trainer) to make a run folder")
+def test_eval_and_compare_commands_end_to_end(tmp_path, monkeypatch, digits_mlp,
+                                              extractor_cache):
+    from difflab.config import load_config
+    from difflab.training import train
+
+    monkeypatch.setenv("DIFFLAB_CACHE", str(extractor_cache))  # digits-mlp is cached there
+    cfg = load_config("configs/ddpm_digits.toml", [
+        "train.steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.sample_every=0",
+        "train.tensorboard=false", "model.class_cond=true", "train.p_uncond=0.2"])
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    argv = ["eval", str(run), "--samplers", "ddim:3,ddpm:4", "--guidance", "cfg:1,cfg:3",
+            "--metrics", "fid,kid,pr,is,nll", "--n", "100", "--nll-n", "4", "--nll-steps", "5",
+            "--kid-subsets", "5", "--train-extractor", "--no-progress"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    rep = read_report(run)
+    assert [(s["sampler"], s["steps"], s["guidance"]) for s in rep["settings"]] == [
+        ("ddim", 3, "cfg:1"), ("ddim", 3, "cfg:3"), ("ddpm", 4, "cfg:1"), ("ddpm", 4, "cfg:3")]
+    for s in rep["settings"]:
+        assert set(s["scores"]) == {"fid", "kid", "precision", "recall", "is"}
+        assert s["scores"]["fid"]["n_fake"] == 100
+        x = np.load(run / "eval" / s["samples"])
+        assert x.shape == (100, 1, 8, 8) and np.abs(x).max() <= 1
+        assert (run / "eval" / s["grid"]).read_bytes()[:8] == PNG_MAGIC
+    assert rep["floor"]["fid"]["n_fake"] == 100 and rep["likelihood"]["value"] > 0
+    assert rep["extractor"]["key"] == digits_mlp.meta["key"]  # the cached one, not retrained
+    md = (run / "eval" / "report.md").read_text()
+    assert "(floor " in md and "[n=100 vs " in md
+    # samples are generated once: a second call reuses them (0 s of sampling)
+    args = parser.parse_args(argv[:-2] + ["--metrics", "fid", "--no-progress"])
+    assert args.func(args) == 0
+    assert all(s["seconds"] == 0.0 for s in read_report(run)["settings"])
+    args = parser.parse_args(["compare", str(run), str(run), "--out", str(tmp_path / "cmp")])
+    assert args.func(args) == 0
+    assert (tmp_path / "cmp" / "compare.md").is_file()
