@@ -207,12 +207,16 @@ class CosineVP(VP):
         self.s = float(s)
         self.t_min, self.t_max = float(t_min), float(t_max)
         self._log_cos0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+        self._tan0 = math.tan(self.s / (1 + self.s) * math.pi / 2)
 
     def _phi(self, t: Time) -> torch.Tensor:
         return (as_time(t) + self.s) / (1 + self.s) * (math.pi / 2)
 
     def log_alpha(self, t: Time) -> torch.Tensor:
-        return torch.log(torch.cos(self._phi(t))) - self._log_cos0
+        # cos(phi0 + d) / cos(phi0) = cos d - tan(phi0) sin d, d = phi(t) - phi(0): exactly 0 at
+        # t = 0 in any dtype (log cos(phi) - log cos(phi0) gave sigma(0) = NaN in float64)
+        d = as_time(t) * (math.pi / (2 * (1 + self.s)))
+        return torch.log1p(-2.0 * torch.sin(0.5 * d) ** 2 - self._tan0 * torch.sin(d))
 
     def d_log_alpha(self, t: Time) -> torch.Tensor:
         return -torch.tan(self._phi(t)) * (math.pi / (2 * (1 + self.s)))
