@@ -84,6 +84,17 @@ def assert_close_fd(exact: torch.Tensor, fd: torch.Tensor, rounding: torch.Tenso
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_t_zero_is_exactly_the_data(any_path, dtype):
+    """``t = 0`` is the clean-data end on every path: ``alpha = 1``, ``sigma = 0`` exactly, in
+    either precision (samplers test ``sigma(0) == 0`` to take the final ``x0_hat`` step)."""
+    t0 = torch.zeros(2, dtype=dtype)
+    assert bool((any_path.alpha(t0) == 1).all()), f"{any_path!r}: alpha(0) = {any_path.alpha(t0)}"
+    assert bool((any_path.sigma(t0) == 0).all()), f"{any_path!r}: sigma(0) = {any_path.sigma(t0)}"
+    assert float(any_path.sigma(0.0)) == 0.0 and float(any_path.alpha(0.0)) == 1.0
+    assert float(any_path.log_snr(0.0)) == math.inf
+
+
 # ----- derivatives and the SDE ------------------------------------------------------------------
 def test_d_alpha_d_sigma_match_finite_differences(any_path):
     t = sample_times(any_path)
