@@ -208,6 +208,17 @@ def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = Non
             "n_fake": 0, "n_real": int(s["n"]), "std": None}
 
 
+def check_request(metrics: list[str], n: int, ext) -> None:
+    """Fail before any sampling when the metrics cannot be computed at this ``n``."""
+    if "fid" in metrics and n <= ext.dim:
+        raise DifflabError(f"--n {n} is too small for FID with {ext.name!r} features "
+                           f"({ext.dim} dimensions): use --n > {ext.dim} (ideally >= "
+                           f"{10 * ext.dim}), or --metrics kid,pr, which work at any n")
+    if "is" in metrics and not ext.has_logits:
+        raise DifflabError(f"--metrics is: extractor {ext.name!r} has no class logits, so no "
+                           "Inception Score; drop 'is' or use a classifier extractor")
+
+
 def evaluate_run(args: argparse.Namespace) -> dict:
     """Everything ``difflab eval`` does; returns the report dict (also written to disk)."""
     from difflab.config import build_dataset
@@ -226,6 +237,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
                         progress=args.progress, inception_weights=args.inception_weights)
     g = torch.Generator().manual_seed(args.seed)
     feature_metrics = [m for m in metrics if m != "nll"]
+    check_request(feature_metrics, args.n, ext)
     ref = RealReference(ext, real, g, progress=args.progress)
     report = {"run": str(run.run_dir), "step": run.step, "n": args.n,
               "n_reference": int(ref.reference.shape[0]), "extractor": ext.meta,

@@ -93,8 +93,8 @@ EXTRACTORS: dict[str, ExtractorSpec] = {
         ExtractorSpec("digits-mlp", "digits", 1, 8, lambda c: MLPNet(1, 8, c),
                       TrainConfig(epochs=60, batch_size=64, lr=3e-3, shift=0), min_score=0.93),
         ExtractorSpec("emoji-ae", "emoji", 3, 32, lambda c: ConvAutoencoder(3, 32),
-                      TrainConfig(epochs=15, batch_size=64, lr=2e-3, shift=0), labelled=False,
-                      min_score=18.0),
+                      TrainConfig(epochs=8, batch_size=64, lr=2e-3, shift=0), labelled=False,
+                      min_score=15.0),
     )
 }
 """Registry of the extractors difflab trains itself (``inception`` is separate)."""
@@ -306,7 +306,7 @@ def get_extractor(name: str, data: ImageDataset | tuple | None = None, train: bo
             return train_extractor(name, (x, y), root, progress, train_config)
         raise ExtractorNotTrainedError(
             f"no trained {name!r} extractor for this data ({len(x)} images, key {key}) in "
-            f"{weights.parent}. Train one (deterministic, ~1 min on a CPU) with "
+            f"{weights.parent}. Train one (deterministic; a minute or a few on a CPU) with "
             f"`difflab eval RUN --train-extractor`, or in Python with "
             f"difflab.evaluation.get_extractor({name!r}, data, train=True).")
     meta = json.loads(info.read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from difflab.errors import DifflabError
 from difflab.evaluation.command import (
     EvalRun,
     Setting,
+    check_request,
     guided,
     parse_guidance,
     parse_metrics,
@@ -111,6 +113,16 @@ def test_guidance_on_an_unconditional_run_is_a_clear_error():
                   num_classes=None)
     with pytest.raises(DifflabError, match="cfg:3 is not available for this run"):
         guided(run, 3.0, torch.zeros(4, dtype=torch.long))
+
+
+def test_impossible_requests_fail_before_sampling():
+    lenet = SimpleNamespace(name="mnist-lenet", dim=128, has_logits=True)
+    with pytest.raises(DifflabError, match=r"--n 100 is too small for FID.*--n > 128.*kid"):
+        check_request(["fid", "kid"], 100, lenet)
+    check_request(["kid", "pr"], 100, lenet)  # no FID: any n works
+    ae = SimpleNamespace(name="emoji-ae", dim=64, has_logits=False)
+    with pytest.raises(DifflabError, match="no class logits"):
+        check_request(["fid", "is"], 1000, ae)
 
 
 # The end-to-end test needs the trainer to make a run folder (config.toml + checkpoint).
