@@ -1,0 +1,467 @@
+"""Run configurations: a TOML file with sections ``[path] [model] [objective] [data] [train]
+[sample]``, validated by pydantic on load, overridable key by key (``--set train.lr=1e-4``).
+
+Every section rejects unknown keys; an error names the full dotted key (``train.lrr``), the
+value, and what is accepted. ``[objective]`` and ``[data]`` take, beside their fixed keys, the
+keyword options of the chosen objective / dataset class, checked against their signatures.
+
+The builders at the bottom turn a config into library objects (``build_path``, ``build_model``,
+``build_denoiser``, ``build_objective``, ``build_dataset``); nothing else reads the config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from difflab.errors import DifflabError, bad_value
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SECTIONS = ("path", "model", "objective", "data", "train", "sample")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----- [path] ----------------------------------------------------------------------------------
+def _path_constructors() -> dict[str, Any]:
+    from difflab.paths import EDM, GVP, VE, VP, Linear, SubVP
+
+    return {"discrete_linear": VP.discrete_linear, "discrete_cosine": VP.discrete_cosine,
+            "discrete": VP.discrete, "vp_linear": VP.linear, "vp_cosine": VP.cosine,
+            "subvp": SubVP, "ve": VE, "edm": EDM, "linear": Linear, "gvp": GVP}
+
+
+PathKind = Literal["discrete_linear", "discrete_cosine", "discrete", "vp_linear", "vp_cosine",
+                   "subvp", "ve", "edm", "linear", "gvp"]
+Pos = Field(default=None, gt=0)
+
+
+class PathConfig(Section):
+    """The forward process: ``kind`` and the parameters of its constructor (others rejected).
+
+    ``discrete_linear``: N, beta_start, beta_end (DDPM); ``discrete_cosine``: N, s, max_beta
+    (iDDPM eq. 17); ``discrete``: betas; ``vp_linear``: beta_min, beta_max, t_min;
+    ``vp_cosine``: s, t_min, t_max; ``subvp`` / ``ve``: beta or sigma range, t_min, t_max;
+    ``edm``: sigma_min, sigma_max; ``linear`` / ``gvp``: t_min, t_max. Unset = the default.
+    """
+
+    kind: PathKind = "discrete_linear"
+    N: int | None = Field(default=None, ge=1)
+    beta_start: float | None = Pos
+    beta_end: float | None = Pos
+    s: float | None = Pos
+    max_beta: float | None = Pos
+    betas: list[float] | None = None
+    beta_min: float | None = Field(default=None, ge=0)
+    beta_max: float | None = Pos
+    sigma_min: float | None = Pos
+    sigma_max: float | None = Pos
+    t_min: float | None = Pos
+    t_max: float | None = Pos
+
+    @model_validator(mode="after")
+    def _params_of_kind(self) -> PathConfig:
+        accepted = path_params(self.kind)
+        for name in type(self).model_fields:
+            if name != "kind" and getattr(self, name) is not None and name not in accepted:
+                raise ValueError(f"path.{name} is not a parameter of kind={self.kind!r}: its "
+                                 f"parameters are {', '.join(accepted)}")
+        return self
+
+    def params(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump(exclude={"kind"}).items() if v is not None}
+
+
+def path_params(kind: str) -> list[str]:
+    """Keyword parameters of the path constructor for ``kind``."""
+    return list(inspect.signature(_path_constructors()[kind]).parameters)
+
+
+# ----- [model] ---------------------------------------------------------------------------------
+class ModelConfig(Section):
+    """The network and how its output is read.
+
+    ``preset`` is a :class:`~difflab.networks.UNetConfig` size; the U-Net fields below override
+    it. ``image_size``, ``in_channels`` and ``num_classes`` come from the dataset (the saved
+    ``config.toml`` of a run holds them resolved). Unless given, the preset's attention
+    resolutions are scaled from its own ``image_size`` to the data's.
+    """
+
+    arch: Literal["unet"] = "unet"
+    preset: str = "small"
+    prediction: Literal["eps", "x0", "v", "score", "velocity"] = "eps"
+    learned_variance: bool = False
+    precond: Literal["none", "edm"] = "none"
+    sigma_data: float = Field(default=0.5, gt=0)
+    class_cond: bool = False
+    image_size: int | None = Field(default=None, ge=1)
+    in_channels: int | None = Field(default=None, ge=1)
+    num_classes: int | None = Field(default=None, ge=1)
+    model_channels: int | None = Field(default=None, ge=1)
+    channel_mult: list[int] | None = None
+    num_res_blocks: int | None = Field(default=None, ge=1)
+    attention_resolutions: list[int] | None = None
+    num_heads: int | None = Field(default=None, ge=1)
+    num_head_channels: int | None = None
+    dropout: float | None = Field(default=None, ge=0, lt=1)
+    resblock_updown: bool | None = None
+    use_scale_shift_norm: bool | None = None
+    context_dim: int | None = Field(default=None, ge=1)
+    transformer_depth: int | None = Field(default=None, ge=1)
+    concat_channels: int | None = Field(default=None, ge=0)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        from difflab.networks.unet import PRESETS
+
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}: expected one of {sorted(PRESETS)}")
+        return v
+
+
+UNET_OVERRIDES = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+                  "num_heads", "num_head_channels", "dropout", "resblock_updown",
+                  "use_scale_shift_norm", "context_dim", "transformer_depth", "concat_channels")
+
+
+# ----- [objective] and [data]: fixed keys plus the options of what they name -------------------
+class OpenSection(BaseModel):
+    """A section whose extra keys are the options of a named factory, checked on load."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def _check_options(self, section: str, accepted: list[str], what: str) -> None:
+        fixed = [k for k in type(self).model_fields if k not in accepted]
+        for key in self.options():
+            if key not in accepted:
+                raise ValueError(_unknown(f"{section}.{key}", key, fixed + accepted, what))
+
+
+def _unknown(dotted: str, key: str, accepted: list[str] | tuple[str, ...], what: str) -> str:
+    close = difflib.get_close_matches(key, accepted, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{dotted}: unknown key{hint}; {what}: {', '.join(accepted) or '(none)'}"
+
+
+class ObjectiveConfig(OpenSection):
+    """``name`` of :data:`difflab.objectives.OBJECTIVES` plus its options (``target``, ...)."""
+
+    name: str = "denoising"
+
+    @model_validator(mode="after")
+    def _check(self) -> ObjectiveConfig:
+        from difflab.objectives import OBJECTIVES, objective_options
+
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"objective.name={self.name!r} is not valid: expected one of "
+                             f"{', '.join(OBJECTIVES)}")
+        self._check_options("objective", objective_options(self.name),
+                            f"allowed keys of [objective] with name={self.name!r}")
+        return self
+
+
+class DataConfig(OpenSection):
+    """``name`` of :data:`difflab.data.DATASETS`, the common keys, plus dataset options."""
+
+    name: str = "digits"
+    root: str | None = None
+    image_size: int | None = Field(default=None, ge=1)
+    split: Literal["train", "test", "all"] = "train"
+    num_workers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        self._check_options("data", dataset_options(self.name),
+                            f"allowed keys of [data] with name={self.name!r}")
+        return self
+
+
+_COMMON_DATA_ARGS = {"self", "root", "image_size", "split", "transform", "kwargs"}
+
+
+def dataset_options(name: str) -> list[str]:
+    """Extra keyword options the dataset ``name`` accepts (its class's signature)."""
+    from difflab.data import CIFAR10, DATASETS, MNIST, Digits, FashionMNIST, ImageFolder
+
+    key = str(name).lower().replace("-", "_")
+    if key not in DATASETS:
+        raise ValueError(f"data.name={name!r} is not valid: expected one of {sorted(DATASETS)}")
+    classes = {"digits": Digits, "mnist": MNIST, "fashion_mnist": FashionMNIST,
+               "folder": ImageFolder, "emoji": ImageFolder, "cifar10": CIFAR10}
+    cls = classes.get(key)
+    if cls is None:  # a dataset registered later: accept what its builder accepts
+        return [p for p in inspect.signature(DATASETS[key]).parameters
+                if p not in _COMMON_DATA_ARGS]
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in _COMMON_DATA_ARGS]
+
+
+# ----- [train] and [sample] ----------------------------------------------------------------------
+class TrainConfig(Section):
+    """Optimisation. ``batch_size`` is the global batch of one optimizer step (summed over
+    processes and accumulation steps); it must divide by ``processes * grad_accum``."""
+
+    seed: int = Field(default=0, ge=0)
+    steps: int = Field(default=10_000, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0)
+    grad_accum: int = Field(default=1, ge=1)
+    ema_decay: float = Field(default=0.9999, ge=0, lt=1)
+    ema_warmup: bool = True
+    p_uncond: float = Field(default=0.0, ge=0, lt=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = Field(default=100, ge=1)
+    sample_every: int = Field(default=0, ge=0)
+    checkpoint_every: int = Field(default=1000, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    channels_last: bool = False
+    tensorboard: bool = True
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"train.adam_betas={list(v)}: expected two numbers in [0, 1)")
+        return v
+
+
+class SampleConfig(Section):
+    """Sampling defaults (training previews, ``difflab sample``): a sampler of
+    :data:`difflab.samplers.SAMPLERS`, a grid of :mod:`difflab.samplers.timesteps` (``auto``:
+    ``discrete`` on discrete paths, ``karras`` on VE / EDM, ``uniform`` otherwise)."""
+
+    sampler: str = "ddim"
+    steps: int = Field(default=50, ge=1)
+    grid: str = "auto"
+    grid_options: dict[str, Any] = Field(default_factory=dict)
+    n: int = Field(default=64, ge=1)
+    seed: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=256, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> SampleConfig:
+        from difflab.samplers import SAMPLERS
+        from difflab.samplers.timesteps import GRIDS
+
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sample.sampler={self.sampler!r} is not valid: expected one of "
+                             f"{', '.join(sorted(SAMPLERS))}")
+        accepted = [o for o in SAMPLERS[self.sampler].options() if o not in ("noise", "hooks")]
+        for key in self.options:
+            if key not in accepted:
+                raise ValueError(_unknown(f"sample.options.{key}", key, accepted,
+                                          f"options of sampler {self.sampler!r}"))
+        if self.grid != "auto" and self.grid not in GRIDS:
+            raise ValueError(f"sample.grid={self.grid!r} is not valid: expected 'auto' or one of "
+                             f"{', '.join(GRIDS)}")
+        return self
+
+
+class Config(Section):
+    """A whole run: every section has defaults, so ``Config()`` is valid."""
+
+    path: PathConfig = Field(default_factory=PathConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+
+# ----- loading, overrides, saving ----------------------------------------------------------------
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> ``(["a", "b"], value)``; the value is a TOML literal when it parses as
+    one (``1e-4``, ``true``, ``[1, 2]``, ``"x"``), else the raw string."""
+    key, sep, raw = item.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not all(k.strip() for k in keys):
+        raise bad_value("--set", item, "KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return [k.strip() for k in keys], value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``--set`` items to a raw (unvalidated) config dict, in order."""
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for depth, k in enumerate(keys[:-1]):
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise DifflabError(f"--set {item}: {'.'.join(keys[:depth + 1])} is a value, "
+                                   "not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a raw dict; errors become one :class:`DifflabError` naming every bad key."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(_describe(err) for err in e.errors())
+        raise DifflabError(f"invalid {source}: {problems}") from None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    dotted = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        accepted = list(model.model_fields) if model is not None else []
+        what = "allowed sections" if len(loc) == 1 else f"allowed keys of [{'.'.join(loc[:-1])}]"
+        return _unknown(dotted, loc[-1], accepted, what)
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "value_error":
+        return msg if not dotted or msg.startswith(loc[0]) else f"{dotted}: {msg}"
+    return f"{dotted}={err.get('input')!r}: {msg}"
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Config
+    for name in loc:
+        field = model.model_fields.get(name) if model is not None else None
+        ann = getattr(field, "annotation", None)
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()
+                ) -> Config:
+    """Read a TOML config (None: all defaults), apply ``--set`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise DifflabError(f"config file {p} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise DifflabError(f"config file {p} is not valid TOML: {e}") from None
+        source = f"config {p}"
+    return config_from_dict(apply_overrides(raw, overrides), source)
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (None values, which TOML cannot hold, are left out)."""
+    return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write ``config_to_toml(cfg)`` atomically (temporary name, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(config_to_toml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+# ----- builders ----------------------------------------------------------------------------------
+def build_dataset(cfg: Config, split: str | None = None):
+    """The dataset of ``[data]`` (``split`` overrides ``data.split``)."""
+    from difflab.data import build_dataset as _build
+
+    d = cfg.data
+    return _build(d.name, root=d.root, image_size=d.image_size, split=split or d.split,
+                  **d.options())
+
+
+def build_path(cfg: Config):
+    """The :class:`~difflab.paths.GaussianPath` of ``[path]``."""
+    return _path_constructors()[cfg.path.kind](**cfg.path.params())
+
+
+def resolve_data_fields(cfg: Config, dataset) -> Config:
+    """Fill ``model.image_size / in_channels / num_classes`` from a dataset; a value already set
+    must agree with the dataset. Returns a new config."""
+    m = cfg.model
+    if m.class_cond and not dataset.num_classes:
+        raise DifflabError(f"model.class_cond=true but dataset {cfg.data.name!r} has no labels: "
+                           "set model.class_cond=false")
+    want = {"image_size": dataset.image_size, "in_channels": dataset.channels,
+            "num_classes": dataset.num_classes if m.class_cond else None}
+    for key, value in want.items():
+        given = getattr(m, key)
+        if given is not None and given != value:
+            raise DifflabError(f"model.{key}={given} does not match the data ({cfg.data.name!r} "
+                               f"gives {value}): remove model.{key} or change [data]")
+    model = m.model_copy(update=want)
+    return cfg.model_copy(update={"model": model})
+
+
+def unet_config(cfg: Config):
+    """The :class:`~difflab.networks.UNetConfig` of a config whose data fields are resolved."""
+    from difflab.networks import UNetConfig
+    from difflab.networks.unet import PRESETS
+
+    m = cfg.model
+    if m.image_size is None or m.in_channels is None:
+        raise DifflabError("model.image_size / model.in_channels are unset: resolve them from the "
+                           "dataset first (difflab.config.resolve_data_fields)")
+    over = {k: getattr(m, k) for k in UNET_OVERRIDES if getattr(m, k) is not None}
+    for k in ("channel_mult", "attention_resolutions"):
+        if k in over:
+            over[k] = tuple(over[k])
+    if "attention_resolutions" not in over:
+        base = PRESETS[m.preset]
+        mult = over.get("channel_mult", base.channel_mult)
+        sizes = [m.image_size // 2**i for i in range(len(mult))]
+        scaled = [r * m.image_size // base.image_size for r in base.attention_resolutions]
+        over["attention_resolutions"] = tuple(r for r in scaled if r in sizes)
+    return UNetConfig.preset(m.preset, image_size=m.image_size, in_channels=m.in_channels,
+                             out_channels=m.in_channels, num_classes=m.num_classes,
+                             learn_sigma=m.learned_variance, **over)
+
+
+def build_model(cfg: Config, dataset=None):
+    """The network of ``[model]``; with ``dataset`` its data fields are resolved first."""
+    from difflab.networks import UNet
+
+    if dataset is not None:
+        cfg = resolve_data_fields(cfg, dataset)
+    return UNet(unet_config(cfg))
+
+
+def build_denoiser(cfg: Config, net, path, check_finite: bool = True):
+    """Wrap ``net`` as a :class:`~difflab.Denoiser` with the prediction / precond of ``[model]``."""
+    from difflab.denoiser import Denoiser, EDMPrecond
+
+    m = cfg.model
+    precond = EDMPrecond(m.sigma_data) if m.precond == "edm" else None
+    return Denoiser(net, path, prediction=m.prediction, precond=precond,
+                    learned_variance=m.learned_variance, check_finite=check_finite)
+
+
+def build_objective(cfg: Config):
+    """The objective of ``[objective]``."""
+    from difflab.objectives import build_objective as _build
+
+    return _build(cfg.objective.name, **cfg.objective.options())
+
