@@ -44,6 +44,7 @@ from difflab.evaluation.metrics import (
     precision_recall,
 )
 from difflab.evaluation.nets import TrainConfig
+from difflab.evaluation.report import read_report, write_comparison, write_report
 
 __all__ = [
     "DEFAULT_EXTRACTOR", "EXTRACTORS", "FEATURE_METRICS", "ExtractorNotTrainedError",
@@ -51,5 +52,6 @@ __all__ = [
     "RealReference", "Score", "TrainConfig", "cache_dir", "check_image_sets", "check_metrics",
     "evaluate_features", "extractor_for_dataset", "fid_floor", "fid_from_features",
     "frechet_distance", "gaussian_stats", "get_extractor", "inception_score",
-    "inception_weights_path", "kid", "mmd2_unbiased", "precision_recall", "train_extractor",
+    "inception_weights_path", "kid", "mmd2_unbiased", "precision_recall", "read_report",
+    "train_extractor", "write_comparison", "write_report",
 ]

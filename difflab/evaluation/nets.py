@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from difflab.errors import bad_value
+
 
 class FeatureNet(nn.Module):
     """Interface of the feature networks: ``features(x) -> (N, D)``, ``logits(x) -> (N, C)``."""
@@ -104,7 +106,7 @@ class ConvAutoencoder(FeatureNet):
     def __init__(self, channels: int, image_size: int, width: int = 32, dim: int = 64) -> None:
         super().__init__()
         if image_size % 8:
-            raise ValueError(f"ConvAutoencoder needs image_size divisible by 8, got {image_size}")
+            raise bad_value("image_size", image_size, "a multiple of 8 (three stride-2 convs)")
         self.dim, self.s = dim, image_size // 8
         w = width
         flat = 2 * w * self.s ** 2
