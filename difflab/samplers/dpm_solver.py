@@ -194,45 +194,89 @@ def _dpm1_step(den, hooks, x, pred, t: Node, s: Node) -> torch.Tensor:
 R1, R2 = 1.0 / 3.0, 2.0 / 3.0  # DPM-Solver-3's intermediate points
 
 
-def _stage(den, hooks, x, eps, t: Node, rh: float) -> torch.Tensor:
-    """``eps(u) - eps_t`` at ``u``, the first-order step from ``t`` to ``lambda_t + r h``."""
-    s1 = node_at(den.path, t.lam + rh)
-    u = first_order(NOISE, x, t, s1, eps)
-    return predict(den, u, s1.t, hooks).eps - eps
+@dataclass
+class Rows:
+    """Per-sample schedule values (float64 tensors of shape ``(B,)``): each row of a batch may
+    sit at its own time (the adaptive solver), or all at one grid node."""
+
+    t: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    lam: torch.Tensor
+
+    @classmethod
+    def at(cls, path: GaussianPath, t: torch.Tensor, lam: torch.Tensor | None = None) -> Rows:
+        lam = 0.5 * path.log_snr(t) if lam is None else lam
+        return cls(t, path.alpha(t), path.sigma(t), lam)
+
+    @classmethod
+    def at_lam(cls, path: GaussianPath, lam: torch.Tensor) -> Rows:
+        return cls.at(path, path.t_from_log_snr(2.0 * lam).clamp(path.t_min, path.t_max), lam)
+
+    @classmethod
+    def of(cls, node: Node, n: int) -> Rows:
+        full = lambda v: torch.full((n,), v, dtype=torch.float64)  # noqa: E731
+        return cls(node.t.expand(n), full(node.alpha), full(node.sigma), full(node.lam))
+
+    def __getitem__(self, idx) -> Rows:
+        return Rows(self.t[idx], self.alpha[idx], self.sigma[idx], self.lam[idx])
+
+    def move(self, idx: torch.Tensor, to: Rows, keep: torch.Tensor) -> None:
+        """Rows ``idx`` take the values of ``to`` where ``keep`` (in place)."""
+        for name in ("t", "alpha", "sigma", "lam"):
+            getattr(self, name)[idx] = getattr(to, name)[keep]
 
 
-def _dpm2_combine(x, eps, d1, t: Node, s: Node, r1: float) -> torch.Tensor:
-    """Alg. 1's update: ``A x - sigma_s (e^h - 1) [eps_t + D1 / (2 r1)]``."""
-    A, C = NOISE.coefs(t, s)
-    e1 = hphi(1, s.lam - t.lam, 1.0)  # e^h - 1
-    return A * x + C * (e1 * eps + (e1 / (2 * r1)) * d1)
+def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample coefficient ``(B,)`` in ``x``'s dtype, broadcast over the data dims."""
+    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def _dpm3_rest(den, hooks, x, eps, d1, t: Node, s: Node) -> torch.Tensor:
-    """Alg. 2 after the first stage: a second-order step to ``lambda_t + r2 h`` using
-    ``D1``, then ``x_s = A x - sigma_s [(e^h - 1) eps_t + ((e^h - 1)/h - 1) D2 / r2]``."""
-    h = s.lam - t.lam
-    s2 = node_at(den.path, t.lam + R2 * h)
-    A2, C2 = NOISE.coefs(t, s2)
-    u2 = A2 * x + C2 * (hphi(1, R2 * h, 1.0) * eps + (hphi(2, R2 * h, 1.0) / (R1 * h)) * d1)
+def _dpm1(x, eps, t: Rows, s: Rows) -> torch.Tensor:
+    """DPM-Solver-1 (eq. 3.7) with per-sample coefficients."""
+    return _col(s.alpha / t.alpha, x) * x - _col(s.sigma * torch.expm1(s.lam - t.lam), x) * eps
+
+
+def dpm_solver_ladder(den, hooks, x, eps, t: Rows, s: Rows, r1: float, third: bool):
+    """DPM-Solver-1, -2 and (when ``third``) -3 from ``t`` to ``s``, sharing evaluations.
+
+    Alg. 1: a first-order step to ``lambda_t + r1 h`` gives ``u1`` and ``D1 = eps(u1) - eps_t``;
+    ``x_2 = x_1 - sigma_s (e^h - 1) D1 / (2 r1)``. Alg. 2 (``r1 = 1/3``, ``r2 = 2/3``): a
+    second-order step with ``D1`` to ``lambda_t + r2 h`` gives ``D2``;
+    ``x_3 = x_1 - sigma_s ((e^h - 1)/h - 1) D2 / r2``. Returns ``(x_1, x_2, x_3 or None)``.
+    """
+    path, h = den.path, s.lam - t.lam
+    s1 = Rows.at_lam(path, t.lam + r1 * h)
+    d1 = predict(den, _dpm1(x, eps, t, s1), s1.t, hooks).eps - eps
+    x_1 = _dpm1(x, eps, t, s)
+    x_2 = x_1 - _col(s.sigma * torch.expm1(h) / (2 * r1), x) * d1
+    if not third:
+        return x_1, x_2, None
+    s2 = Rows.at_lam(path, t.lam + R2 * h)
+    u2 = _dpm1(x, eps, t, s2) - _col(s2.sigma * _hphi2(R2 * h) / (r1 * h), x) * d1
     d2 = predict(den, u2, s2.t, hooks).eps - eps
-    A, C = NOISE.coefs(t, s)
-    return A * x + C * (hphi(1, h, 1.0) * eps + (hphi(2, h, 1.0) / (R2 * h)) * d2)
+    return x_1, x_2, x_1 - _col(s.sigma * _hphi2(h) / (R2 * h), x) * d2
+
+
+def _hphi2(h: torch.Tensor) -> torch.Tensor:
+    return torch.expm1(h) - h  # h^2 phi_2(h) = e^h - 1 - h
 
 
 def _dpm2_step(r1: float) -> StepFn:
     def step(den, hooks, x, pred, t: Node, s: Node) -> torch.Tensor:
         """DPM-Solver-2 (Lu et al. 2022, Alg. 1)."""
-        d1 = _stage(den, hooks, x, pred.eps, t, r1 * (s.lam - t.lam))
-        return _dpm2_combine(x, pred.eps, d1, t, s, r1)
+        n = x.shape[0]
+        return dpm_solver_ladder(den, hooks, x, pred.eps, Rows.of(t, n), Rows.of(s, n), r1,
+                                 third=False)[1]
 
     return step
 
 
 def _dpm3_step(den, hooks, x, pred, t: Node, s: Node) -> torch.Tensor:
     """DPM-Solver-3 (Lu et al. 2022, Alg. 2) with ``r1 = 1/3, r2 = 2/3``."""
-    d1 = _stage(den, hooks, x, pred.eps, t, R1 * (s.lam - t.lam))
-    return _dpm3_rest(den, hooks, x, pred.eps, d1, t, s)
+    n = x.shape[0]
+    return dpm_solver_ladder(den, hooks, x, pred.eps, Rows.of(t, n), Rows.of(s, n), R1,
+                             third=True)[2]
 
 
 @register("dpm_solver_1", stochastic=False, order=1)
@@ -425,18 +469,6 @@ def dpmpp_2m_sde(den: DenoiserBase, x: torch.Tensor, grid, *, noise=None,
 
 
 # ----- adaptive step size (Lu et al. 2022, Sec. 3.3 / App. C) ---------------------------------
-def _embedded_pair(den, hooks, x, eps, t: Node, s: Node, order: int):
-    """Lower- and higher-order results sharing evaluations: DPM-Solver-1 and -2 (``r1 = 1/2``),
-    or DPM-Solver-2 (``r1 = 1/3``) and -3. Returns ``(x_low, x_high, evaluations used)``."""
-    h = s.lam - t.lam
-    if order == 2:
-        d1 = _stage(den, hooks, x, eps, t, 0.5 * h)
-        return first_order(NOISE, x, t, s, eps), _dpm2_combine(x, eps, d1, t, s, 0.5), 1
-    d1 = _stage(den, hooks, x, eps, t, R1 * h)
-    x_low = _dpm2_combine(x, eps, d1, t, s, R1)
-    return x_low, _dpm3_rest(den, hooks, x, eps, d1, t, s), 2
-
-
 @register("dpm_adaptive", stochastic=False, order=3, evals_per_step=3)
 def dpm_adaptive(den: DenoiserBase, x: torch.Tensor, grid, *, order: int = 3,
                  rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
@@ -447,14 +479,58 @@ def dpm_adaptive(den: DenoiserBase, x: torch.Tensor, grid, *, order: int = 3,
 
     Only ``grid[0]`` and the grid's final time are used: the solver integrates from ``grid[0]``
     to ``grid[-1]`` or, when the grid ends at 0, to the path's ``t_min`` followed by the final
-    denoising step. Each trial step of size ``h`` (in
-    ``lambda``) computes an embedded pair ``x_low, x_high``; with
+    denoising step. Each trial step of size ``h`` (in ``lambda``) computes an embedded pair
+    ``x_low, x_high`` (DPM-Solver-1/2 with ``r1 = 1/2``, or -2/3 with ``r1 = 1/3``); with
     ``delta = max(atol, rtol max(|x_low|, |x_t|))`` the error is
-    ``E = || (x_high - x_low) / delta ||_2 / sqrt(D)`` (per sample; the batch shares one step
-    size, so its largest ``E`` decides). ``E <= 1`` accepts ``x_high``; either way
-    ``h <- min(theta h E^(-1/order), remaining)``. ``eps`` at the current point is reused across
-    rejected trials. Raises if more than ``max_evals`` evaluations would be needed.
+    ``E = || (x_high - x_low) / delta ||_2 / sqrt(D)``. ``E <= 1`` accepts ``x_high``; either way
+    ``h <- min(theta h E^(-1/order), remaining)``. Every sample controls its own step size (the
+    rows still share each batched evaluation), so a sample's path does not depend on the rest
+    of the batch; ``eps`` at a sample's current point is reused across its rejected trials.
+    Callbacks see one step from ``grid[0]`` to the final time (plus the denoising step).
+    Raises if more than ``max_evals`` batched evaluations would be needed.
     """
+    _check_adaptive(order, rtol, atol, h_init, theta)
+    path = den.path
+    hooks, grid, x, _, to_zero = prepare(den, x, grid, hooks)
+    x, n = x.clone(), x.shape[0]  # rows are updated in place
+    t_end = torch.full((n,), path.t_min if to_zero else float(grid[-1]), dtype=torch.float64)
+    end, t = Rows.at(path, t_end), Rows.at(path, grid[0].expand(n).clone())
+    h = (end.lam - t.lam).clamp(max=h_init)
+    eps, fresh, evals = torch.empty_like(x), torch.zeros(n, dtype=torch.bool), 0
+    while bool((active := t.lam < end.lam).any()):
+        rows = torch.nonzero(active).squeeze(1)
+        stale = rows[~fresh[rows]]
+        if stale.numel():
+            eps[stale], fresh[stale] = predict(den, x[stale], t.t[stale], hooks).eps, True
+        last = h[rows] >= end.lam[rows] - t.lam[rows]
+        lam_s = torch.where(last, end.lam[rows], t.lam[rows] + h[rows])
+        s = Rows.at_lam(path, lam_s)
+        s.t = torch.where(last, end.t[rows], s.t)
+        x_low, x_high = _embedded_pair(den, hooks, x[rows], eps[rows], t[rows], s, order)
+        evals += 1 + (stale.numel() > 0) + (order == 3)
+        if evals > max_evals:
+            raise DifflabError(f"dpm_adaptive needed more than max_evals={max_evals} "
+                               f"evaluations: loosen rtol={rtol} / atol={atol}")
+        delta = torch.maximum(x_low.abs(), x[rows].abs()).mul(rtol).clamp_min(atol)
+        err = ((x_high - x_low) / delta).flatten(1).pow(2).mean(1).sqrt().double()
+        err = torch.nan_to_num(err, nan=float("inf"))
+        accept = err <= 1.0
+        x[rows[accept]] = x_high[accept]
+        t.move(rows[accept], s, accept)
+        fresh[rows[accept]] = False
+        h[rows] = torch.minimum(theta * h[rows] * err.clamp_min(1e-10) ** (-1.0 / order),
+                                end.lam[rows] - t.lam[rows])
+    return _adaptive_finish(den, hooks, x, grid, end, to_zero)
+
+
+def _embedded_pair(den, hooks, x, eps, t: Rows, s: Rows, order: int):
+    """``(x_low, x_high)``: DPM-Solver-1 and -2 (``r1 = 1/2``), or -2 (``r1 = 1/3``) and -3."""
+    x_1, x_2, x_3 = dpm_solver_ladder(den, hooks, x, eps, t, s, 0.5 if order == 2 else R1,
+                                      third=order == 3)
+    return (x_1, x_2) if order == 2 else (x_2, x_3)
+
+
+def _check_adaptive(order, rtol, atol, h_init, theta) -> None:
     if order not in (2, 3):
         raise bad_value("order", order, "2 (DPM-Solver-12) or 3 (DPM-Solver-23)")
     for name, v in (("rtol", rtol), ("atol", atol), ("h_init", h_init)):
@@ -462,36 +538,19 @@ def dpm_adaptive(den: DenoiserBase, x: torch.Tensor, grid, *, order: int = 3,
             raise bad_value(name, v, "a positive number")
     if not 0 < theta <= 1:
         raise bad_value("theta", theta, "a number in (0, 1]")
-    path = den.path
-    hooks, grid, x, _, to_zero = prepare(den, x, grid, hooks)
-    t_end = torch.tensor(path.t_min if to_zero else float(grid[-1]), dtype=torch.float64)
-    t, end = nodes(path, grid[:1])[0], nodes(path, t_end[None])[0]
-    h, evals, step, pred = min(h_init, end.lam - t.lam), 0, 0, None
-    while t.lam < end.lam and h > 0:
-        if pred is None:
-            pred, evals = predict(den, x, t.t, hooks), evals + 1
-        s = end if h >= end.lam - t.lam else node_at(path, t.lam + h)
-        x_low, x_high, used = _embedded_pair(den, hooks, x, pred.eps, t, s, order)
-        evals += used
-        if evals > max_evals:
-            raise DifflabError(f"dpm_adaptive needed more than max_evals={max_evals} "
-                               f"evaluations: loosen rtol={rtol} / atol={atol}")
-        delta = torch.maximum(x_low.abs(), x.abs()).mul(rtol).clamp_min(atol)
-        err = float(((x_high - x_low) / delta).flatten(1).pow(2).mean(1).sqrt().max())
-        if err <= 1.0:
-            x, t = _adaptive_step_hook(hooks, step, s.t, x_high, pred), s
-            step, pred = step + 1, None
-        h = min(theta * h * max(err, 1e-10) ** (-1.0 / order), end.lam - t.lam)
-    if to_zero:
-        pred = predict(den, x, end.t, hooks)
-        x = _adaptive_step_hook(hooks, step, torch.zeros((), dtype=torch.float64), pred.x0, pred)
-    return x
 
 
-def _adaptive_step_hook(hooks: Hooks, i: int, t_next, x, pred: Prediction) -> torch.Tensor:
-    """``after_step`` for a solver whose number of steps is unknown in advance (``total=0``)."""
-    if hooks.correct_xt is not None and float(t_next) > 0:
-        x = hooks.correct_xt(x, torch.as_tensor(t_next, dtype=torch.float64))
+def _adaptive_finish(den, hooks, x, grid, end: Rows, to_zero: bool) -> torch.Tensor:
+    """``correct_xt`` and the callback for the whole adaptive solve, then the denoising step.
+
+    Without a final denoising step, a callback costs one evaluation (for its ``x0`` preview).
+    """
+    total, t_end = 1 + int(to_zero), end.t[0]
+    if hooks.correct_xt is not None:
+        x = hooks.correct_xt(x, t_end)
+    if not to_zero and hooks.callback is None:
+        return x
+    pred = predict(den, x, end.t, hooks)
     if hooks.callback is not None:
-        hooks.callback(StepInfo(i, 0, float(pred.t[0]), float(t_next), x, pred.x0))
-    return x
+        hooks.callback(StepInfo(0, total, float(grid[0]), float(t_end), x, pred.x0))
+    return after_step(hooks, 1, total, t_end, 0.0, pred.x0, pred) if to_zero else x

@@ -143,13 +143,15 @@ def adaptive_problem():
 def test_adaptive_solver_meets_its_tolerance(adaptive_problem, order):
     den, x, ref = adaptive_problem
     grid = torch.tensor([1.0, 0.1], dtype=torch.float64)
+    scale = float(ref.pow(2).mean().sqrt())  # the size of x that rtol is relative to
     runs = []
     for rtol, atol in [(1e-2, 1e-3), (1e-3, 1e-4)]:
         counted = Counting(den)
         out = sample("dpm_adaptive", counted, x, grid, order=order, rtol=rtol, atol=atol)
-        runs.append((float((out - ref).pow(2).mean().sqrt()), counted.calls, atol))
-    (e_loose, n_loose, atol_loose), (e_tight, n_tight, atol_tight) = runs
-    assert e_loose < 3 * atol_loose and e_tight < 3 * atol_tight
+        error = float((out - ref).pow(2).mean().sqrt())
+        assert error < max(atol, rtol * scale), (rtol, error)
+        runs.append((error, counted.calls))
+    (e_loose, n_loose), (e_tight, n_tight) = runs
     assert e_tight < e_loose / 3 and n_tight > n_loose
 
 
@@ -162,6 +164,11 @@ def test_adaptive_solver_uses_only_the_ends_and_denoises_at_the_data_end(adaptiv
     to_tmin = sample("dpm_adaptive", den, x, torch.tensor([1.0, path.t_min], dtype=torch.float64))
     torch.testing.assert_close(sample("dpm_adaptive", den, x, coarse),
                                den(to_tmin, path.t_min).x0, rtol=0, atol=1e-12)
+    # every sample controls its own steps: its result does not depend on the rest of the batch
+    # (up to the last-bit rounding of vectorised kernels, which depends on the batch size)
+    batch = sample("dpm_adaptive", den, x, coarse)
+    torch.testing.assert_close(sample("dpm_adaptive", den, x[3:4], coarse), batch[3:4],
+                               rtol=0, atol=1e-12)
     with pytest.raises(DifflabError, match="max_evals"):
         sample("dpm_adaptive", den, x, coarse, rtol=1e-6, atol=1e-8, max_evals=50)
 

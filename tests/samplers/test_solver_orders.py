@@ -216,6 +216,7 @@ def test_evaluations_and_the_final_step_to_the_data(name):
     path = VP.discrete_linear()
     den = overlapping_mixture().denoiser(path)
     x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x_before = x.clone()
     to_zero = timesteps.log_snr(path, 12)  # 11 solver steps, then 0
     positive = to_zero[:-1]
     with warnings.catch_warnings():
@@ -227,7 +228,7 @@ def test_evaluations_and_the_final_step_to_the_data(name):
         last = sample(name, den, x, positive, noise=5)
         torch.testing.assert_close(sample(name, den, x, to_zero, noise=5),
                                    den(last, positive[-1]).x0, rtol=0, atol=1e-12)
-    assert out.shape == x.shape
+    assert out.shape == x.shape and torch.equal(x, x_before)  # the input is left alone
 
 
 @pytest.mark.parametrize("path_name", ["vp_discrete_linear", "edm"])
