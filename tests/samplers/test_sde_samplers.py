@@ -56,7 +56,7 @@ def test_statistics_check_is_calibrated(mixture4d):
 CASES = [
     ("em", {}, 100),
     ("reverse_diffusion", {}, 100),
-    ("pc", {"step_norm": "batch"}, 50),  # reverse diffusion + 1 Langevin step: 100 evaluations
+    ("pc", {"step_norm": "batch"}, 75),  # reverse diffusion + 1 Langevin step: 150 evaluations
     ("pc", {"predictor": "em", "snr": 0.1, "step_norm": "batch"}, 50),
     ("pc", {"predictor": "ddim", "step_norm": "batch"}, 50),
 ]
