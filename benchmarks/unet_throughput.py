@@ -95,7 +95,9 @@ def make_steps(model: nn.Module, x: torch.Tensor, t: torch.Tensor, is_diffusers:
     return {"train": train_step, "sample": sample_step}
 
 
-def measure(steps: dict[str, Step], warmup: int, rounds: int, iters: int) -> dict[str, list]:
+def measure(
+    steps: dict[str, Step], warmup: int, rounds: int, iters: int, clock: Callable[[], float]
+) -> dict[str, list]:
     """Seconds per iteration of each step, per round, the steps alternating."""
     for step in steps.values():
         for _ in range(warmup):
@@ -103,10 +105,10 @@ def measure(steps: dict[str, Step], warmup: int, rounds: int, iters: int) -> dic
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = clock()
             for _ in range(iters):
                 step()
-            times[name].append((time.perf_counter() - start) / iters)
+            times[name].append((clock() - start) / iters)
     return times
 
 
@@ -127,6 +129,13 @@ def main(argv: list[str] | None = None) -> None:
         help="diffusers' memory format (best: time both, compare with the faster)",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument(
+        "--timer",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall clock, or this process's CPU time (robust on a shared machine with "
+        "--threads 1; with more threads it also counts OpenMP spin-waits)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="append the results to this file")
     args = ap.parse_args(argv)
     if args.quick:
@@ -161,9 +170,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         for k, (m, fmt) in models.items()
     }
+    clock = time.perf_counter if args.timer == "wall" else time.process_time
     load_before = os.getloadavg()[0]
     times = {
-        task: measure({k: s[task] for k, s in steps.items()}, args.warmup, args.rounds, args.iters)
+        task: measure(
+            {k: s[task] for k, s in steps.items()}, args.warmup, args.rounds, args.iters, clock
+        )
         for task in ("train", "sample")
     }
     load_after = os.getloadavg()[0]
@@ -173,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         f"\nU-Net preset `{args.preset}`, batch {args.batch} at {args.size}x{args.size}, "
         f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
         f"{torch.get_num_threads()} threads on {os.cpu_count()} CPUs "
-        f"({platform.machine()}), best of {args.rounds} rounds x {args.iters} iterations, "
+        f"({platform.machine()}), {args.timer} time, best of {args.rounds} rounds x "
+        f"{args.iters} iterations, "
         f"load average {load_before:.1f} -> {load_after:.1f}\n"
     )
     print(
@@ -197,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                 "batch": args.batch,
                 "size": args.size,
                 "threads": torch.get_num_threads(),
+                "timer": args.timer,
                 "torch": torch.__version__,
                 "diffusers": diffusers.__version__,
                 "params": n_params,
