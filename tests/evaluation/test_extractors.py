@@ -117,7 +117,7 @@ def test_fid_orders_real_floor_below_degraded_below_noise(mnist, mnist_lenet):
 class _MLP(nn.Module):
     """A tiny x0-predicting MLP ``net(x, t_in, cond)`` with sinusoidal time features."""
 
-    def __init__(self, d: int = 784, hidden: int = 512, freqs: int = 16) -> None:
+    def __init__(self, d: int = 784, hidden: int = 256, freqs: int = 16) -> None:
         super().__init__()
         self.register_buffer("freqs", torch.exp(-math.log(1000.0) * torch.arange(freqs) / freqs))
         self.net = nn.Sequential(nn.Linear(d + 2 * freqs, hidden), nn.SiLU(),
