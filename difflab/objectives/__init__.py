@@ -8,6 +8,7 @@ the variational-bound terms of :mod:`.vlb`. :func:`build_objective` makes them b
 from difflab.objectives.base import Objective, check_x0, draw_noise
 from difflab.objectives.denoising import DenoisingLoss, dsm_loss, edm_loss, flow_matching_loss
 from difflab.objectives.registry import OBJECTIVES, build_objective, objective_options
+from difflab.objectives.residual import ResidualHead, ResidualLoss
 from difflab.objectives.time import (
     TIME_SAMPLERS,
     DiscreteUniformTime,
@@ -39,6 +40,8 @@ from difflab.objectives.weighting import (
 )
 
 __all__ = [
+    "ResidualHead",
+    "ResidualLoss",
     "OBJECTIVES",
     "SNR",
     "TIME_SAMPLERS",

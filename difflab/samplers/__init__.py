@@ -4,7 +4,18 @@ Importing this package registers every sampler; look them up with ``get_sampler(
 one with ``sample(name, den, x_init, grid, **options)``.
 """
 
-from difflab.samplers import dpm_solver, edm, pndm, thresholding, timesteps, unipc
+from difflab.samplers import (
+    analytic,
+    dpm_solver,
+    edm,
+    langevin,
+    pndm,
+    sde,
+    thresholding,
+    timesteps,
+    unipc,
+)
+from difflab.samplers.analytic import AnalyticMoments, estimate_gamma
 from difflab.samplers.ancestral import ddim, ddim_invert, ddpm
 from difflab.samplers.base import (
     SAMPLERS,
@@ -19,6 +30,11 @@ from difflab.samplers.base import (
 from difflab.samplers.noise import GeneratorNoise, PerSampleNoise, as_noise
 
 __all__ = [
+    "AnalyticMoments",
+    "analytic",
+    "estimate_gamma",
+    "langevin",
+    "sde",
     "dpm_solver",
     "edm",
     "pndm",

@@ -37,7 +37,6 @@ from difflab.denoiser import DenoiserBase
 from difflab.errors import DifflabError, bad_value
 from difflab.paths.base import GaussianPath
 from difflab.samplers.base import (
-    SAMPLERS,
     after_step,
     as_hooks,
     check_grid,
@@ -286,11 +285,6 @@ def _need(name: str, option: str, value, how: str):
     return value
 
 
-def _mark(name: str, *options: str) -> None:
-    # Until SamplerSpec has a ``needs_extra`` field, the flag is set on the registered spec so
-    # contract tests can skip samplers that cannot run without an extra input.
-    SAMPLERS[name].needs_extra = tuple(options)
-
 
 # ----- Analytic-DPM -----------------------------------------------------------------------------
 def _analytic(name, den, x, grid, moments, eta, data_range, clip_pixels, noise, hooks):
@@ -308,7 +302,7 @@ def _analytic(name, den, x, grid, moments, eta, data_range, clip_pixels, noise, 
     return _reverse_loop(den, x, grid, variance, eta, clip_pixels, noise, hooks)
 
 
-@register("analytic_ddpm", stochastic=True, order=1)
+@register("analytic_ddpm", stochastic=True, order=1, needs_extra=("moments",))
 def analytic_ddpm(den: DenoiserBase, x: torch.Tensor, grid, *,
                   moments: AnalyticMoments | None = None,
                   data_range: tuple[float, float] | None = None, clip_pixels: float | None = 2.0,
@@ -325,7 +319,7 @@ def analytic_ddpm(den: DenoiserBase, x: torch.Tensor, grid, *,
                      hooks)
 
 
-@register("analytic_ddim", stochastic=True, order=1)
+@register("analytic_ddim", stochastic=True, order=1, needs_extra=("moments",))
 def analytic_ddim(den: DenoiserBase, x: torch.Tensor, grid, *,
                   moments: AnalyticMoments | None = None, eta: float = 0.0,
                   data_range: tuple[float, float] | None = None, clip_pixels: float | None = 2.0,
@@ -370,7 +364,7 @@ def _residual(name, den, x, grid, residual, eta, data_range, clip_pixels, noise,
     return _reverse_loop(den, x, grid, var, eta, clip_pixels, noise, hooks)
 
 
-@register("npr_ddpm", stochastic=True, order=1)
+@register("npr_ddpm", stochastic=True, order=1, needs_extra=("residual",))
 def npr_ddpm(den: DenoiserBase, x: torch.Tensor, grid, *, residual: Residual | None = None,
              eta: float = 1.0, data_range: tuple[float, float] | None = None,
              clip_pixels: float | None = 2.0, noise=None, hooks=None) -> torch.Tensor:
@@ -383,7 +377,7 @@ def npr_ddpm(den: DenoiserBase, x: torch.Tensor, grid, *, residual: Residual | N
                      hooks, second=False)
 
 
-@register("sn_ddpm", stochastic=True, order=1)
+@register("sn_ddpm", stochastic=True, order=1, needs_extra=("residual",))
 def sn_ddpm(den: DenoiserBase, x: torch.Tensor, grid, *, residual: Residual | None = None,
             eta: float = 1.0, data_range: tuple[float, float] | None = None,
             clip_pixels: float | None = 2.0, noise=None, hooks=None) -> torch.Tensor:
@@ -394,8 +388,3 @@ def sn_ddpm(den: DenoiserBase, x: torch.Tensor, grid, *, residual: Residual | No
     """
     return _residual("sn_ddpm", den, x, grid, residual, eta, data_range, clip_pixels, noise,
                      hooks, second=True)
-
-
-for _name, _opt in (("analytic_ddpm", "moments"), ("analytic_ddim", "moments"),
-                    ("npr_ddpm", "residual"), ("sn_ddpm", "residual")):
-    _mark(_name, _opt)

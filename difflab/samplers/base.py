@@ -119,6 +119,7 @@ class SamplerSpec:
     order: int
     needs_learned_variance: bool = False
     evals_per_step: int = 1
+    needs_extra: tuple[str, ...] = ()
 
     def options(self) -> list[str]:
         params = inspect.signature(self.fn).parameters
@@ -129,14 +130,18 @@ SAMPLERS: dict[str, SamplerSpec] = {}
 
 
 def register(name: str, *, stochastic: bool, order: int, needs_learned_variance: bool = False,
-             evals_per_step: int = 1):
-    """Decorator: add a sampler to the registry under ``name``."""
+             evals_per_step: int = 1, needs_extra: tuple[str, ...] = ()):
+    """Decorator: add a sampler to the registry under ``name``.
+
+    ``needs_extra`` names keyword options the sampler cannot run without (Analytic-DPM's
+    ``moments``, NPR-DDPM's ``residual``), so generic callers know to supply them.
+    """
 
     def deco(fn):
         if name in SAMPLERS:
             raise DifflabError(f"a sampler named {name!r} is already registered")
         SAMPLERS[name] = SamplerSpec(name, fn, stochastic, order, needs_learned_variance,
-                                     evals_per_step)
+                                     evals_per_step, tuple(needs_extra))
         return fn
 
     return deco
