@@ -57,7 +57,9 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         "--num_processes K -m difflab.cli train ...` it trains data-parallel.",
         epilog="examples:\n  difflab train configs/ddpm_digits.toml --out runs/digits\n"
         "  difflab train configs/ddpm_mnist.toml --set data.root=../shared/data/mnist "
-        "--set train.lr=1e-4\n  difflab train --resume runs/digits --set train.steps=20000",
+        "--set train.lr=1e-4\n  difflab train --resume runs/digits --set train.steps=20000\n"
+        "  difflab train configs/ddpm_digits.toml --set 'path={kind=\"discrete_cosine\"}'"
+        "  # a whole section",
         formatter_class=HelpFormatter)
     p.add_argument("config", nargs="?", help="the TOML config (default with --resume: the "
                    "run's own config.toml)")
@@ -72,6 +74,8 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                    "training time")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: only when stderr is a terminal)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads per process (small "
+                   "models on a shared CPU are often fastest with 1)")
     p.set_defaults(func=cmd_train)
 
 
@@ -93,6 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not config.is_file():
             raise DifflabError(f"--resume {args.resume}: {config} does not exist (not a run "
                                "folder?)")
+    _threads(args.threads)
     cfg = load_config(config, args.overrides)
     acc = make_accelerator(cfg)
     run_dir = args.resume or args.out
@@ -139,6 +144,9 @@ def register_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default) or the raw trained weights")
     p.add_argument("--checkpoint", metavar="step_N", help="which checkpoint (default: latest)")
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip clean-data estimates to [-1, 1] (default: the run's "
+                   "sample.clip_x0)")
     p.add_argument("--label", type=int, help="class id for every sample (class-conditional "
                    "models; default: cycle through the classes)")
     p.add_argument("--batch-size", type=int, help="samples per network batch")
@@ -175,7 +183,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     x = generate(run.denoiser, run.sample_shape, n, sampler=sampler, steps=steps,
                  grid=args.grid or s.grid, grid_options=grid_options, options=options,
                  seed=args.seed if args.seed is not None else s.seed,
-                 batch_size=args.batch_size or s.batch_size, labels=labels).clamp(-1, 1)
+                 batch_size=args.batch_size or s.batch_size, labels=labels,
+                 clip_x0=s.clip_x0 if args.clip_x0 is None else args.clip_x0).clamp(-1, 1)
     if args.out:
         where = save_image_grid(x, args.out, nrow=args.nrow or math.ceil(math.sqrt(n)))
     else:
@@ -203,14 +212,27 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
     p.add_argument("--n", type=int, default=100, help="samples per sampler (default: 100)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1; "
+                   "the demo's small model trains fastest on one thread of a shared CPU)")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from difflab.demo import run_demo
 
+    _threads(args.threads)
     run_demo(args.out, args.minutes, args.config, args.overrides, n=args.n)
     return 0
+
+
+def _threads(n: int | None) -> None:
+    if n is None:
+        return
+    if n < 1:
+        raise bad_value("--threads", n, "a positive number of threads")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 # ----- the parser --------------------------------------------------------------------------------

@@ -249,7 +249,9 @@ class TrainConfig(Section):
 class SampleConfig(Section):
     """Sampling defaults (training previews, ``difflab sample``): a sampler of
     :data:`difflab.samplers.SAMPLERS`, a grid of :mod:`difflab.samplers.timesteps` (``auto``:
-    ``discrete`` on discrete paths, ``karras`` on VE / EDM, ``uniform`` otherwise)."""
+    ``discrete`` on discrete paths, ``karras`` on VE / EDM, ``uniform`` otherwise).
+    ``clip_x0`` clips every clean-data estimate to ``[-1, 1]`` (DDPM's ``clip_denoised``;
+    for pixel data only, not for latents)."""
 
     sampler: str = "ddim"
     steps: int = Field(default=50, ge=1)
@@ -258,6 +260,7 @@ class SampleConfig(Section):
     n: int = Field(default=64, ge=1)
     seed: int = Field(default=0, ge=0)
     batch_size: int = Field(default=256, ge=1)
+    clip_x0: bool = False
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -189,7 +189,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0,
     for sampler, steps in plan if plan is not None else sampler_plan():
         t0 = time.monotonic()
         x = generate(run.denoiser, run.sample_shape, n, sampler=sampler, steps=steps,
-                     seed=cfg.sample.seed, batch_size=n)
+                     seed=cfg.sample.seed, batch_size=n, clip_x0=cfg.sample.clip_x0)
         seconds = time.monotonic() - t0
         frac, hist = confident_fraction(judge.model, x)
         ratio = frac / max(judge.real_confident, 1e-9)

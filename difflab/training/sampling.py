@@ -21,7 +21,8 @@ from difflab.config import Config, build_denoiser, build_model, build_path, load
 from difflab.denoiser import DenoiserBase
 from difflab.errors import DifflabError
 from difflab.paths import EDM, VE, DiscreteVP, GaussianPath
-from difflab.samplers import PerSampleNoise, get_sampler, sample
+from difflab.samplers import Hooks, PerSampleNoise, get_sampler, sample
+from difflab.samplers.thresholding import StaticThreshold
 from difflab.samplers.timesteps import make_grid
 from difflab.training.checkpoint import (
     EMA_FILE,
@@ -63,8 +64,8 @@ def sample_seeds(seed: int, n: int) -> list[int]:
 def generate(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str = "ddim",
              steps: int = 50, grid: str = "auto", grid_options: dict[str, Any] | None = None,
              options: dict[str, Any] | None = None, seed: int = 0, batch_size: int = 256,
-             labels: torch.Tensor | None = None, device: torch.device | str | None = None
-             ) -> torch.Tensor:
+             labels: torch.Tensor | None = None, device: torch.device | str | None = None,
+             clip_x0: bool = False) -> torch.Tensor:
     """Draw ``n`` samples of ``shape = (C, H, W)`` with a registered sampler.
 
     Args:
@@ -79,11 +80,15 @@ def generate(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str = 
         batch_size: samples per network batch.
         labels: optional class ids ``(n,)``.
         device: where to sample (default: the network's device or the CPU).
+        clip_x0: clip every clean-data estimate to ``[-1, 1]`` (static thresholding, DDPM's
+            ``clip_denoised``) through the sampler's ``correct_x0`` hook.
 
     Returns:
         ``(n, C, H, W)`` float32 samples on the CPU.
     """
     spec = get_sampler(sampler)
+    if clip_x0 and "hooks" not in spec.options():
+        raise DifflabError(f"clip_x0=True needs a sampler with hooks; {sampler!r} has none")
     t_grid = sampling_grid(den.path, steps, grid, grid_options)
     seeds = sample_seeds(seed, n)
     if device is None:
@@ -99,6 +104,8 @@ def generate(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str = 
         kw = dict(options or {})
         if "noise" in spec.options():
             kw["noise"] = noise
+        if clip_x0:
+            kw["hooks"] = Hooks(correct_x0=StaticThreshold(-1.0, 1.0))
         out.append(sample(sampler, d, x, t_grid, **kw).float().cpu())
     return torch.cat(out)
 

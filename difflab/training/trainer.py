@@ -338,7 +338,8 @@ class Trainer:
             x = generate(den, (m.in_channels, m.image_size, m.image_size), s.n,
                          sampler=s.sampler, steps=s.steps, grid=s.grid,
                          grid_options=s.grid_options, options=s.options, seed=s.seed,
-                         batch_size=s.batch_size, labels=default_labels(self.cfg, s.n))
+                         batch_size=s.batch_size, labels=default_labels(self.cfg, s.n),
+                         clip_x0=s.clip_x0)
             out = save_image_grid(x.clamp(-1, 1), self.run_dir / "samples" /
                                   f"step_{self.step}.png", nrow=math.ceil(math.sqrt(s.n)))
         self.acc.wait_for_everyone()
