@@ -56,7 +56,7 @@ from difflab.training.checkpoint import (
 from difflab.training.data import BatchOrder, micro_batches, mix_seed
 from difflab.training.ema import EMA
 from difflab.training.logging import MetricsLogger, Progress
-from difflab.training.sampling import CONFIG_FILE, default_labels, generate
+from difflab.training.sampling import CONFIG_FILE, default_labels, generate, sampling_grid
 
 logger = logging.getLogger("difflab.training")
 
@@ -139,6 +139,9 @@ class Trainer:
                                 self.acc.num_processes)
         self.path = build_path(self.cfg)
         self.objective = build_objective(self.cfg)
+        if t.sample_every:  # fail now, on every process, rather than at the first preview
+            s = self.cfg.sample
+            sampling_grid(self.path, s.steps, s.grid, s.grid_options)
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
             torch.manual_seed(mix_seed(t.seed, 0))
             net = build_model(self.cfg).to(self.acc.device)
@@ -318,6 +321,11 @@ class Trainer:
     # ----- outputs ----------------------------------------------------------------------------
     def save(self) -> Path | None:
         """Write ``checkpoints/step_N`` (main process) and wait for every process."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
+            raise TrainingDiverged(  # checked on every process (same weights), so none hangs
+                f"the weights became non-finite at step {self.step}; no checkpoint was written "
+                f"and the last good one is {self.last_checkpoint}. Try a lower train.lr "
+                f"(now {self.cfg.train.lr:g}) or gradient clipping (train.grad_clip)")
         if self.acc.is_main_process:
             meta = {"config": (self.run_dir / CONFIG_FILE).read_text()}
             self.last_checkpoint = save_checkpoint(

@@ -130,6 +130,12 @@ def test_new_run_refuses_a_folder_with_checkpoints(straight):
         train(tiny("train.steps=1"), straight)
 
 
+def test_a_bad_preview_grid_fails_before_training(tmp_path):
+    with pytest.raises(DifflabError, match="steps=2000"):
+        train(tiny("train.steps=2", "train.sample_every=1", "sample.steps=2000"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_resume_without_checkpoints_is_an_error(tmp_path):
     with pytest.raises(DifflabError, match="nothing to resume"):
         train(tiny("train.steps=1"), tmp_path, resume=True)
@@ -151,6 +157,14 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
             assert all(torch.isfinite(v).all() for v in
                        read_safetensors(ckpt / name).values())
     assert_bitwise_equal(before, weights(run, 2))
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    """lr = 1e39 overflows float32 in the first update while that step's loss was finite."""
+    with pytest.raises(TrainingDiverged, match="weights became non-finite at step 1"):
+        train(tiny("train.steps=3", "train.lr=1e39", "train.grad_clip=0",
+                   "train.checkpoint_every=1"), tmp_path / "inf")
+    assert not list_checkpoints(tmp_path / "inf" / "checkpoints")
 
 
 def test_nan_data_is_caught_on_the_first_step(tmp_path, monkeypatch):
