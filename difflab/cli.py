@@ -236,7 +236,14 @@ def _threads(n: int | None) -> None:
 
 
 # ----- the parser --------------------------------------------------------------------------------
-COMMANDS: list[Register] = [register_train, register_sample, register_demo]
+def register_evaluation(sub: argparse._SubParsersAction) -> None:
+    """``eval`` and ``compare`` live with the metrics in :mod:`difflab.evaluation.command`."""
+    from difflab.evaluation.command import register
+
+    register(sub)
+
+
+COMMANDS: list[Register] = [register_train, register_sample, register_demo, register_evaluation]
 
 
 def add_command(register: Register) -> Register:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -20,7 +18,6 @@ from difflab.evaluation.command import (
     parse_guidance,
     parse_metrics,
     parse_samplers,
-    register,
 )
 from difflab.evaluation.metrics import Score
 from difflab.evaluation.report import read_report, write_comparison, write_report
@@ -125,15 +122,9 @@ def test_impossible_requests_fail_before_sampling():
         check_request(["fid", "is"], 1000, ae)
 
 
-# The end-to-end test needs the trainer to make a run folder (config.toml + checkpoint).
-HAVE_TRAINER = all(importlib.util.find_spec(m) is not None
-                   for m in ("difflab.training", "difflab.config"))
-
-
-@pytest.mark.skipif(not HAVE_TRAINER, reason="needs difflab.training and difflab.config "
-                    "(the trainer) to make a run folder")
 def test_eval_and_compare_commands_end_to_end(tmp_path, monkeypatch, digits_mlp,
                                               extractor_cache):
+    from difflab.cli import build_parser
     from difflab.config import load_config
     from difflab.training import train
 
@@ -143,8 +134,7 @@ def test_eval_and_compare_commands_end_to_end(tmp_path, monkeypatch, digits_mlp,
         "train.tensorboard=false", "model.class_cond=true", "train.p_uncond=0.2"])
     run = tmp_path / "run"
     train(cfg, run, progress=False)
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
+    parser = build_parser()  # the real `difflab` command line, so its wiring is tested too
     argv = ["eval", str(run), "--samplers", "ddim:3,ddpm:4", "--guidance", "cfg:1,cfg:3",
             "--metrics", "fid,kid,pr,is,nll", "--n", "100", "--nll-n", "4", "--nll-steps", "5",
             "--kid-subsets", "5", "--train-extractor", "--no-progress"]
