@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="base", choices=["tiny", "small", "base"])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=32, help="image size (also the config's)")
-    ap.add_argument("--iters", type=int, default=2, help="timed iterations per round")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; best kept")
+    ap.add_argument("--iters", type=int, default=1, help="timed iterations per round")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds; best kept")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="preset small, batch 16, 1 iter")
     ap.add_argument("--ours-format", choices=list(FORMATS), default="channels_last")
@@ -221,9 +221,10 @@ def main(argv: list[str] | None = None) -> None:
                 "load_average": [load_before, load_after],
             }
         )
-    print("\nall runs (img/s, best round):")
+    print("\nall runs (img/s, best round; ratio: median over rounds of the paired ratio):")
     for r in results:
-        print(f"  {r['task']:6s} " + ", ".join(f"{k} {v:.1f}" for k, v in r["img_per_s"].items()))
+        runs = ", ".join(f"{k} {v:.1f}" for k, v in r["img_per_s"].items())
+        print(f"  {r['task']:6s} {runs}; paired ratio {r['ratio_paired_median']:.2f}")
     if args.json is not None:
         old = json.loads(args.json.read_text()) if args.json.exists() else []
         args.json.write_text(json.dumps(old + results, indent=2) + "\n")
