@@ -100,7 +100,7 @@ class ModelConfig(Section):
     resolutions are scaled from its own ``image_size`` to the data's.
     """
 
-    arch: Literal["unet"] = "unet"
+    arch: Literal["unet", "classifier", "alignment"] = "unet"
     preset: str = "small"
     prediction: Literal["eps", "x0", "v", "score", "velocity"] = "eps"
     learned_variance: bool = False
@@ -122,15 +122,42 @@ class ModelConfig(Section):
     context_dim: int | None = Field(default=None, ge=1)
     transformer_depth: int | None = Field(default=None, ge=1)
     concat_channels: int | None = Field(default=None, ge=0)
+    text_encoder: str | None = None
+    text_max_length: int | None = Field(default=None, ge=2)
+    embed_dim: int | None = Field(default=None, ge=1)
 
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, v: str) -> str:
+    @model_validator(mode="after")
+    def _check_arch(self) -> ModelConfig:
+        presets = arch_presets(self.arch)
+        if self.preset not in presets:
+            raise ValueError(f"model.preset={self.preset!r} is not a preset of arch="
+                             f"{self.arch!r}: expected one of {sorted(presets)}")
+        if self.class_cond and self.text_encoder:
+            raise ValueError("model.class_cond and model.text_encoder cannot both be set: "
+                             "choose class labels or text prompts")
+        if self.arch != "unet":
+            unet_only = [k for k in ("learned_variance", "class_cond", "concat_channels",
+                                     "context_dim", "transformer_depth")
+                         if getattr(self, k) not in (None, False)]
+            if unet_only:
+                raise ValueError(f"model.{unet_only[0]} applies to arch='unet' only, not "
+                                 f"arch={self.arch!r}")
+        if self.arch == "alignment" and not self.text_encoder:
+            raise ValueError("model.arch='alignment' needs model.text_encoder (e.g. 'minilm')")
+        if self.arch == "classifier" and self.text_encoder:
+            raise ValueError("model.text_encoder does not apply to arch='classifier'")
+        return self
+
+
+def arch_presets(arch: str) -> dict[str, Any]:
+    """The size presets of a network family."""
+    if arch == "classifier":
+        from difflab.networks.classifier import PRESETS
+    elif arch == "alignment":
+        from difflab.networks.alignment import PRESETS
+    else:
         from difflab.networks.unet import PRESETS
-
-        if v not in PRESETS:
-            raise ValueError(f"unknown preset {v!r}: expected one of {sorted(PRESETS)}")
-        return v
+    return PRESETS
 
 
 UNET_OVERRIDES = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
@@ -262,9 +289,15 @@ class SampleConfig(Section):
     batch_size: int = Field(default=256, ge=1)
     clip_x0: bool = False
     options: dict[str, Any] = Field(default_factory=dict)
+    prompts: list[str] = Field(default_factory=list)
+    guidance: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SampleConfig:
+        if self.guidance is not None:
+            from difflab.guidance.spec import parse_guidance
+
+            parse_guidance(self.guidance)
         from difflab.samplers import SAMPLERS
         from difflab.samplers.timesteps import GRIDS
 
@@ -408,8 +441,12 @@ def resolve_data_fields(cfg: Config, dataset) -> Config:
     if m.class_cond and not dataset.num_classes:
         raise DifflabError(f"model.class_cond=true but dataset {cfg.data.name!r} has no labels: "
                            "set model.class_cond=false")
+    if m.arch == "classifier" and not dataset.num_classes:
+        raise DifflabError(f"model.arch='classifier' needs labels but dataset {cfg.data.name!r} "
+                           "has none")
+    labelled = m.class_cond or m.arch == "classifier"
     want = {"image_size": dataset.image_size, "in_channels": dataset.channels,
-            "num_classes": dataset.num_classes if m.class_cond else None}
+            "num_classes": dataset.num_classes if labelled else None}
     for key, value in want.items():
         given = getattr(m, key)
         if given is not None and given != value:
@@ -443,20 +480,76 @@ def unet_config(cfg: Config):
                              learn_sigma=m.learned_variance, **over)
 
 
+def text_dim(cfg: Config) -> int | None:
+    """Width of the text encoder's embeddings (None without one); loads the encoder's config."""
+    if not cfg.model.text_encoder:
+        return None
+    from difflab.networks.text import load_text_encoder
+
+    return load_text_encoder(cfg.model.text_encoder, cfg.model.text_max_length).dim
+
+
+def resolve_text_fields(cfg: Config) -> Config:
+    """Fill ``model.context_dim`` of a text-conditional U-Net from its text encoder."""
+    m = cfg.model
+    if m.arch != "unet" or not m.text_encoder:
+        return cfg
+    dim = text_dim(cfg)
+    if m.context_dim is not None and m.context_dim != dim:
+        raise DifflabError(f"model.context_dim={m.context_dim} does not match the text encoder "
+                           f"{m.text_encoder!r} (width {dim}): remove model.context_dim")
+    return cfg.model_copy(update={"model": m.model_copy(update={"context_dim": dim})})
+
+
+def _family_config(cfg: Config, config_cls, **fixed):
+    """A classifier / alignment network config: preset, then the ``[model]`` keys it has."""
+    import dataclasses
+
+    m = cfg.model
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    over = {k: getattr(m, k) for k in (*UNET_OVERRIDES, "embed_dim")
+            if getattr(m, k) is not None}
+    bad = sorted(k for k in over if k not in names)
+    if bad:
+        raise DifflabError(f"model.{bad[0]} is not a setting of arch={m.arch!r}: its settings "
+                           f"are {', '.join(sorted(names - set(fixed)))}")
+    for k in ("channel_mult", "attention_resolutions"):
+        if k in over:
+            over[k] = tuple(over[k])
+    return config_cls.preset(m.preset, **fixed, **over)
+
+
 def build_model(cfg: Config, dataset=None):
     """The network of ``[model]``; with ``dataset`` its data fields are resolved first."""
-    from difflab.networks import UNet
-
     if dataset is not None:
         cfg = resolve_data_fields(cfg, dataset)
-    return UNet(unet_config(cfg))
+    m = cfg.model
+    if m.arch == "classifier":
+        from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
+
+        return NoisyClassifier(_family_config(cfg, ClassifierConfig, image_size=m.image_size,
+                                              in_channels=m.in_channels,
+                                              num_classes=m.num_classes))
+    if m.arch == "alignment":
+        from difflab.networks.alignment import AlignmentConfig, AlignmentModel
+
+        return AlignmentModel(_family_config(cfg, AlignmentConfig, image_size=m.image_size,
+                                             in_channels=m.in_channels, text_dim=text_dim(cfg)))
+    from difflab.networks import UNet
+
+    return UNet(unet_config(resolve_text_fields(cfg)))
 
 
 def build_denoiser(cfg: Config, net, path, check_finite: bool = True):
-    """Wrap ``net`` as a :class:`~difflab.Denoiser` with the prediction / precond of ``[model]``."""
+    """Wrap ``net`` as a :class:`~difflab.Denoiser` with the prediction / precond of ``[model]``
+    (a classifier or alignment network: as a :class:`~difflab.networks.noisy.NoisyModel`)."""
     from difflab.denoiser import Denoiser, EDMPrecond
 
     m = cfg.model
+    if m.arch != "unet":
+        from difflab.networks.noisy import NoisyModel
+
+        return NoisyModel(net, path)
     precond = EDMPrecond(m.sigma_data) if m.precond == "edm" else None
     return Denoiser(net, path, prediction=m.prediction, precond=precond,
                     learned_variance=m.learned_variance, check_finite=check_finite)

@@ -8,7 +8,7 @@ its noise from its own stream (:class:`~difflab.samplers.PerSampleNoise` seeded 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ from difflab.training.checkpoint import (
     verify_checkpoint,
 )
 from difflab.training.data import mix_seed
+
+Guide = Callable[[DenoiserBase, "Cond | None", "Cond | None"], DenoiserBase]
 
 CONFIG_FILE = "config.toml"
 
@@ -65,7 +67,8 @@ def generate(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str = 
              steps: int = 50, grid: str = "auto", grid_options: dict[str, Any] | None = None,
              options: dict[str, Any] | None = None, seed: int = 0, batch_size: int = 256,
              labels: torch.Tensor | None = None, device: torch.device | str | None = None,
-             clip_x0: bool = False) -> torch.Tensor:
+             clip_x0: bool = False, cond: Cond | None = None, null_cond: Cond | None = None,
+             guide: Guide | None = None) -> torch.Tensor:
     """Draw ``n`` samples of ``shape = (C, H, W)`` with a registered sampler.
 
     Args:
@@ -78,7 +81,11 @@ def generate(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str = 
         options: sampler options (``eta``, ``variance``, ...).
         seed: base seed; sample ``i`` uses its own stream.
         batch_size: samples per network batch.
-        labels: optional class ids ``(n,)``.
+        labels: optional class ids ``(n,)`` (shorthand for ``cond=Cond(labels=labels)``).
+        cond: the condition of all ``n`` samples (sliced per batch).
+        null_cond: the null / negative condition guidance contrasts ``cond`` with.
+        guide: ``guide(den, cond_batch, null_batch) -> denoiser`` (e.g. classifier-free
+            guidance, :func:`difflab.guidance.spec.make_guide`); default: ``den.bind(cond)``.
         device: where to sample (default: the network's device or the CPU).
         clip_x0: clip every clean-data estimate to ``[-1, 1]`` (static thresholding, DDPM's
             ``clip_denoised``) through the sampler's ``correct_x0`` hook.
@@ -86,6 +93,13 @@ def generate(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str = 
     Returns:
         ``(n, C, H, W)`` float32 samples on the CPU.
     """
+    if labels is not None:
+        if cond is not None:
+            raise DifflabError("give labels or cond, not both")
+        cond = Cond(labels=labels)
+    for what, c in (("cond", cond), ("null_cond", null_cond)):
+        if c is not None and c.batch_size() not in (None, n):
+            raise DifflabError(f"{what} holds {c.batch_size()} conditions for n={n} samples")
     spec = get_sampler(sampler)
     if clip_x0 and "hooks" not in spec.options():
         raise DifflabError(f"clip_x0=True needs a sampler with hooks; {sampler!r} has none")
@@ -100,7 +114,9 @@ def generate(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str = 
         hi = min(n, lo + batch_size)
         noise = PerSampleNoise(seeds[lo:hi])
         x = den.path.prior_sample((hi - lo, *shape), noise=noise).to(device)
-        d = den if labels is None else den.bind(Cond(labels=labels[lo:hi].to(device)))
+        c = None if cond is None else cond[lo:hi].to(device)
+        nc = None if null_cond is None else null_cond[lo:hi].to(device)
+        d = guide(den, c, nc) if guide is not None else den if c is None else den.bind(c)
         kw = dict(options or {})
         if "noise" in spec.options():
             kw["noise"] = noise

