@@ -147,8 +147,18 @@ def register_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                    help="clip clean-data estimates to [-1, 1] (default: the run's "
                    "sample.clip_x0)")
-    p.add_argument("--label", type=int, help="class id for every sample (class-conditional "
-                   "models; default: cycle through the classes)")
+    p.add_argument("--class", "--label", dest="label", type=int, action="append",
+                   metavar="ID", help="class id for every sample (repeat to cycle through "
+                   "several; class-conditional models or classifier guidance; default: cycle "
+                   "through all classes)")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="text prompt "
+                   "(text-conditional models; repeat to cycle through several; default: "
+                   "sample.prompts or dataset captions)")
+    p.add_argument("--negative-prompt", metavar="TEXT", help="what classifier-free guidance "
+                   "steers away from (default: the empty prompt)")
+    p.add_argument("--guidance", metavar="SPEC", help="none | cfg:SCALE[:rescale=R]"
+                   "[:interval=LO-HI] | classifier:RUN:SCALE (default: the run's "
+                   "sample.guidance)")
     p.add_argument("--batch-size", type=int, help="samples per network batch")
     p.add_argument("--nrow", type=int, help="images per grid row (default: ceil(sqrt(n)))")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -156,11 +166,9 @@ def register_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
     from difflab.data import save_image_grid
     from difflab.training import generate, load_run
-    from difflab.training.sampling import default_labels
+    from difflab.training.guided import guided_inputs
 
     run = load_run(args.run, checkpoint=args.checkpoint, ema=args.ema, device=args.device)
     s = run.config.sample
@@ -171,19 +179,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     options.update(_kv(o) for o in args.options)
     grid_options = dict(s.grid_options) if args.grid in (None, s.grid) else {}
     grid_options.update(_kv(o) for o in args.grid_options)
-    labels = default_labels(run.config, n)
-    if args.label is not None:
-        k = run.config.model.num_classes
-        if not k or not 0 <= args.label < k:
-            raise bad_value("--label", args.label, f"a class id in [0, {k})" if k else
-                            "nothing: this model is not class-conditional")
-        labels = torch.full((n,), args.label, dtype=torch.long)
+    if run.config.model.arch != "unet":
+        raise DifflabError(f"{args.run} is a model.arch={run.config.model.arch!r} run: it does "
+                           "not generate images (use it with --guidance classifier:RUN:S)")
+    if args.negative_prompt is not None and not args.guidance and not s.guidance:
+        raise DifflabError("--negative-prompt needs classifier-free guidance: add "
+                           "--guidance cfg:SCALE")
+    cond, null, guide = guided_inputs(run, n, args.guidance or s.guidance, labels=args.label,
+                                      prompts=args.prompt, negative_prompt=args.negative_prompt)
     sampler = args.sampler or s.sampler
     steps = args.steps or s.steps
     x = generate(run.denoiser, run.sample_shape, n, sampler=sampler, steps=steps,
                  grid=args.grid or s.grid, grid_options=grid_options, options=options,
                  seed=args.seed if args.seed is not None else s.seed,
-                 batch_size=args.batch_size or s.batch_size, labels=labels,
+                 batch_size=args.batch_size or s.batch_size, cond=cond, null_cond=null,
+                 guide=guide,
                  clip_x0=s.clip_x0 if args.clip_x0 is None else args.clip_x0).clamp(-1, 1)
     if args.out:
         where = save_image_grid(x, args.out, nrow=args.nrow or math.ceil(math.sqrt(n)))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from difflab.errors import DifflabError, bad_value
 from difflab.objectives.base import Objective
+from difflab.objectives.classifier import _classifier
 from difflab.objectives.denoising import DenoisingLoss, dsm_loss, edm_loss, flow_matching_loss
 from difflab.objectives.time import TIME_SAMPLERS, TimeSampler, build_time_sampler
 from difflab.objectives.vlb import HybridLoss
@@ -68,6 +69,7 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "flow_matching": _flow_matching,
     "edm": _edm,
     "hybrid": _hybrid,
+    "classifier": _classifier,
 }
 
 

@@ -62,7 +62,7 @@ def guided_inputs(run: LoadedRun, n: int, guidance: str | GuidanceSpec | None = 
 
 def _classifier_inputs(run: LoadedRun, spec: GuidanceSpec, n: int, labels, prompts,
                        diffusion: Conditioner) -> tuple[Cond, Cond | None, Guide]:
-    from difflab.guidance.classifier import check_classifier_matches, classifier_log_prob
+    from difflab.guidance.noisy_classifier import check_classifier_matches, classifier_log_prob
 
     if prompts is not None:
         raise DifflabError("classifier guidance takes --class, not --prompt")
