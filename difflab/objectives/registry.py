@@ -12,6 +12,7 @@ from collections.abc import Callable
 from difflab.errors import DifflabError, bad_value
 from difflab.objectives.base import Objective
 from difflab.objectives.classifier import _classifier
+from difflab.objectives.contrastive import _contrastive
 from difflab.objectives.denoising import DenoisingLoss, dsm_loss, edm_loss, flow_matching_loss
 from difflab.objectives.time import TIME_SAMPLERS, TimeSampler, build_time_sampler
 from difflab.objectives.vlb import HybridLoss
@@ -70,6 +71,7 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "edm": _edm,
     "hybrid": _hybrid,
     "classifier": _classifier,
+    "contrastive": _contrastive,
 }
 
 
