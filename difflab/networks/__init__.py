@@ -1,5 +1,7 @@
-"""Networks: the ADM / LDM U-Net, its blocks, and the attention-processor hooks."""
+"""Networks: the ADM / LDM U-Net, its blocks and attention-processor hooks; the noise-aware
+classifier and image-text alignment model; frozen text encoders."""
 
+from difflab.networks.alignment import AlignmentConfig, AlignmentModel
 from difflab.networks.attention import (
     Attention,
     AttentionBlock,
@@ -9,10 +11,21 @@ from difflab.networks.attention import (
     attention_modules,
     set_attn_processor,
 )
+from difflab.networks.classifier import ClassifierConfig, NoisyClassifier
 from difflab.networks.layers import ResBlock, TimeEmbedding, timestep_embedding
+from difflab.networks.noisy import NoisyModel
+from difflab.networks.text import CaptionEmbeddings, TextEncoder, load_text_encoder
 from difflab.networks.unet import UNet, UNetConfig
 
 __all__ = [
+    "AlignmentConfig",
+    "AlignmentModel",
+    "CaptionEmbeddings",
+    "ClassifierConfig",
+    "NoisyClassifier",
+    "NoisyModel",
+    "TextEncoder",
+    "load_text_encoder",
     "Attention",
     "AttentionBlock",
     "AttentionProcessor",

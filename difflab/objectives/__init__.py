@@ -6,6 +6,8 @@ the variational-bound terms of :mod:`.vlb`. :func:`build_objective` makes them b
 """
 
 from difflab.objectives.base import Objective, check_x0, draw_noise
+from difflab.objectives.classifier import NoisyClassifierLoss
+from difflab.objectives.contrastive import ContrastiveLoss
 from difflab.objectives.denoising import DenoisingLoss, dsm_loss, edm_loss, flow_matching_loss
 from difflab.objectives.registry import OBJECTIVES, build_objective, objective_options
 from difflab.objectives.residual import ResidualHead, ResidualLoss
@@ -40,6 +42,8 @@ from difflab.objectives.weighting import (
 )
 
 __all__ = [
+    "ContrastiveLoss",
+    "NoisyClassifierLoss",
     "ResidualHead",
     "ResidualLoss",
     "OBJECTIVES",
