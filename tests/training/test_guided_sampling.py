@@ -282,3 +282,42 @@ def test_text_config_errors(emoji_subset):
         from difflab.config import text_dim
 
         text_dim(_text_cfg(emoji_subset, model={"text_encoder": "nobody/no-model"}))
+
+
+def test_alignment_model_trains_from_a_config(emoji_subset, tmp_path):
+    """``model.arch = "alignment"``: the batch's captions arrive as pooled MiniLM sentence
+    embeddings, the contrastive loss trains it, and SDG reads it back from the run."""
+    from difflab.config import build_dataset, resolve_data_fields
+    from difflab.guidance import alignment_score
+    from difflab.networks.noisy import NoisyModel
+    from difflab.networks.text import load_text_encoder
+    from difflab.training import train
+
+    raw = {"model": {"arch": "alignment", "preset": "tiny", "text_encoder": "minilm"},
+           "objective": {"name": "contrastive"},
+           "data": {"name": "folder", "root": str(emoji_subset), "image_size": 16},
+           "train": {"batch_size": 8, "steps": 2, "tensorboard": False, "log_every": 1,
+                     "checkpoint_every": 2}}
+    cfg = config_from_dict(raw)
+    ds = build_dataset(cfg)
+    cond_er = Conditioner(resolve_data_fields(cfg, ds), ds.captions)
+    c = cond_er.training(Cond(extra={"captions": ds.captions[:4]}), None, 0.5)
+    torch.testing.assert_close(c.extra["text_emb"],
+                               load_text_encoder("minilm").sentence(ds.captions[:4]),
+                               atol=1e-5, rtol=1e-4)  # never dropped: p_uncond is for U-Nets
+    result = train(cfg, tmp_path / "clip", progress=False)
+    assert result.step == 2
+    run = load_run(tmp_path / "clip")
+    assert isinstance(run.denoiser, NoisyModel)
+    x = torch.stack([ds[i][0] for i in range(3)])
+    s = alignment_score(run.denoiser, x, load_text_encoder("minilm").sentence(ds.captions[:3]))
+    assert s.shape == (3,) and bool(((s >= -1) & (s <= 1)).all())
+    with pytest.raises(DifflabError, match="does not generate images"):
+        from difflab.training import Trainer
+
+        Trainer(config_from_dict({**raw, "train": {**raw["train"], "sample_every": 1}}),
+                tmp_path / "bad")
+    with pytest.raises(DifflabError, match="needs model.text_encoder"):
+        config_from_dict({**raw, "model": {"arch": "alignment", "preset": "tiny"}})
+    with pytest.raises(DifflabError, match="not a preset of arch='alignment'"):
+        config_from_dict({**raw, "model": {**raw["model"], "preset": "base"}})
