@@ -233,8 +233,12 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     data = build_dataset(run.config)
     real, _ = dataset_tensors(data)
     name = args.extractor or extractor_for_dataset(run.config.data.name)
-    ext = get_extractor(name, data if name != "inception" else None, train=args.train_extractor,
-                        progress=args.progress, inception_weights=args.inception_weights)
+    native = _native_data(name, run.config, data)
+    ext = get_extractor(name, native if name != "inception" else None,
+                        train=args.train_extractor, progress=args.progress,
+                        inception_weights=args.inception_weights)
+    resized = native is not data
+    ext.resize_inputs = resized
     g = torch.Generator().manual_seed(args.seed)
     feature_metrics = [m for m in metrics if m != "nll"]
     check_request(feature_metrics, args.n, ext)
@@ -242,6 +246,11 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     report = {"run": str(run.run_dir), "step": run.step, "n": args.n,
               "n_reference": int(ref.reference.shape[0]), "extractor": ext.meta,
               "floor": {}, "settings": [], "notes": []}
+    if resized:
+        report["notes"].append(
+            f"the run's {run.shape[-1]}x{run.shape[-1]} images (real and generated alike) are "
+            f"resized to {ext.image_size}x{ext.image_size} for the {ext.name!r} extractor, "
+            "which is trained on the dataset at that size")
     if args.n > ref.holdout.shape[0]:
         report["notes"].append(f"the floor uses {ref.holdout.shape[0]} held-out real images "
                                f"(fewer than n={args.n}): the dataset is too small")
@@ -257,6 +266,20 @@ def evaluate_run(args: argparse.Namespace) -> dict:
                 run, Setting(sampler, steps, scale), ref, feature_metrics, args, out_dir))
     write_report(report, out_dir)
     return report
+
+
+def _native_data(name: str, cfg, data):
+    """The data an extractor is trained on: the run's dataset, or (when the run resized it
+    away from the extractor's resolution) the same dataset at the extractor's resolution."""
+    from difflab.evaluation.features import EXTRACTORS
+
+    spec = EXTRACTORS.get(name)
+    if spec is None or spec.image_size == data.image_size:
+        return data
+    from difflab.config import build_dataset
+
+    d = cfg.data.model_copy(update={"image_size": spec.image_size})
+    return build_dataset(cfg.model_copy(update={"data": d}))
 
 
 def _evaluate_setting(run: EvalRun, setting: Setting, ref: RealReference, metrics: list[str],

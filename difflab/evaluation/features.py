@@ -161,17 +161,27 @@ class FeatureExtractor:
         self.channels, self.image_size = channels, image_size
         self.meta = dict(meta or {})
         self.has_logits = has_logits
+        self.resize_inputs = False
 
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` as float32 ``(N, C, H, W)`` if this extractor accepts their shape."""
+        """``images`` as float32 ``(N, C, H, W)`` if this extractor accepts their shape.
+
+        With ``resize_inputs = True`` square images of another size are resized (bilinear,
+        antialiased) to the extractor's; apply it to real and generated images alike.
+        """
         x = torch.as_tensor(images)
         if x.ndim != 4:
             raise bad_value("images.shape", tuple(x.shape), "(N, C, H, W) images in [-1, 1]")
         c, s = self.channels, self.image_size
+        if (self.resize_inputs and s is not None and x.shape[-1] == x.shape[-2]
+                and x.shape[-2:] != (s, s)):
+            x = torch.nn.functional.interpolate(x.float(), size=(s, s), mode="bilinear",
+                                                align_corners=False, antialias=True)
         if (c is not None and x.shape[1] != c) or (s is not None and x.shape[-2:] != (s, s)):
             raise DifflabError(
                 f"extractor {self.name!r} expects ({c}, {s}, {s}) images, got "
-                f"{tuple(x.shape[1:])}: evaluate samples at the resolution it was trained on")
+                f"{tuple(x.shape[1:])}: evaluate samples at the resolution it was trained on "
+                "(or set resize_inputs = True to resize both real and generated images)")
         return x.to(torch.float32)
 
     @torch.no_grad()

@@ -160,3 +160,37 @@ def test_eval_and_compare_commands_end_to_end(tmp_path, monkeypatch, digits_mlp,
     args = parser.parse_args(["compare", str(run), str(run), "--out", str(tmp_path / "cmp")])
     assert args.func(args) == 0
     assert (tmp_path / "cmp" / "compare.md").is_file()
+
+
+def test_eval_resizes_a_run_at_another_resolution_for_the_extractor(tmp_path, monkeypatch,
+                                                                    digits_mlp, extractor_cache):
+    """A run trained on 16x16 digits is judged by the 8x8 digits-mlp: real and generated images
+    are resized alike, the extractor is the one trained on the native data, and it is said."""
+    from difflab.cli import build_parser
+    from difflab.config import load_config
+    from difflab.training import train
+
+    monkeypatch.setenv("DIFFLAB_CACHE", str(extractor_cache))
+    cfg = load_config("configs/ddpm_digits.toml", [
+        "train.steps=1", "train.checkpoint_every=1", "train.sample_every=0",
+        "train.tensorboard=false", "data.image_size=16"])
+    run = tmp_path / "run16"
+    train(cfg, run, progress=False)
+    args = build_parser().parse_args(["eval", str(run), "--samplers", "ddim:2", "--metrics",
+                                      "kid", "--n", "20", "--kid-subsets", "2", "--no-progress"])
+    assert args.func(args) == 0
+    rep = read_report(run)
+    assert rep["extractor"]["key"] == digits_mlp.meta["key"]
+    assert any("resized to 8x8" in note for note in rep["notes"])
+    x = np.load(run / "eval" / rep["settings"][0]["samples"])
+    assert x.shape == (20, 1, 16, 16)
+    ext = digits_mlp
+    ext.resize_inputs = False
+    with pytest.raises(DifflabError, match="resize_inputs"):
+        ext.features(torch.zeros(2, 1, 16, 16))
+    ext.resize_inputs = True
+    try:  # resizing a constant image keeps it constant: same features as the native one
+        torch.testing.assert_close(ext.features(torch.full((1, 1, 16, 16), 0.3)),
+                                   ext.features(torch.full((1, 1, 8, 8), 0.3)))
+    finally:
+        ext.resize_inputs = False
