@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from difflab.errors import DifflabError, bad_value
 from difflab.evaluation.evaluate import FEATURE_METRICS, RealReference
@@ -31,19 +30,28 @@ METRICS = (*FEATURE_METRICS, "nll")
 
 @dataclass(frozen=True)
 class Setting:
-    """One generated set: a sampler with its steps, and an optional CFG scale."""
+    """One generated set: a sampler with its steps, and an optional guidance string
+    (``cfg:3``, ``classifier:RUN:2``; see :mod:`difflab.guidance.spec`)."""
 
     sampler: str
     steps: int
-    scale: float | None = None
+    spec: str | None = None
 
     @property
     def guidance(self) -> str:
-        return "none" if self.scale is None else f"cfg:{self.scale:g}"
+        return self.spec or "none"
+
+    @property
+    def scale(self) -> float | None:
+        if self.spec is None:
+            return None
+        from difflab.guidance.spec import parse_guidance as parse
+
+        return parse(self.spec).scale
 
     @property
     def slug(self) -> str:
-        g = "" if self.scale is None else f"_cfg-{self.scale:g}"
+        g = "" if self.spec is None else "_" + self.spec.replace(":", "-").replace("/", "_")
         return f"{self.sampler}-{self.steps}{g}"
 
 
@@ -66,23 +74,21 @@ def parse_samplers(text: str) -> list[tuple[str, int]]:
     return out
 
 
-def parse_guidance(text: str | None) -> list[float | None]:
-    """``"none,cfg:1,cfg:3"`` -> ``[None, 1.0, 3.0]`` (``None``: unguided)."""
+def parse_guidance(text: str | None) -> list[str | None]:
+    """``"none,cfg:1,cfg:3"`` -> ``[None, "cfg:1", "cfg:3"]`` (``None``: unguided), each item
+    checked by :func:`difflab.guidance.spec.parse_guidance`."""
+    from difflab.guidance.spec import FORMS
+    from difflab.guidance.spec import parse_guidance as parse
+
     if not text:
         return [None]
-    out: list[float | None] = []
+    out: list[str | None] = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        kind, _, scale = item.partition(":")
-        if item == "none":
-            out.append(None)
-            continue
         try:
-            value = float(scale)
-        except ValueError:
-            value = None
-        if kind != "cfg" or value is None:
-            raise bad_value("--guidance", item, "'none' or cfg:SCALE (e.g. cfg:1,cfg:3)")
-        out.append(value)
+            spec = parse(item)
+        except DifflabError:
+            raise bad_value("--guidance", item, f"a comma-separated list of {FORMS}") from None
+        out.append(None if spec.kind == "none" else item)
     return out
 
 
@@ -105,62 +111,35 @@ class EvalRun:
     shape: tuple[int, int, int]
     step: int
     num_classes: int | None
+    loaded: object = None  # the difflab.training.LoadedRun
 
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None) -> EvalRun:
     """Load ``RUN/config.toml`` and the EMA weights of a checkpoint (default: latest), through
     :func:`difflab.training.load_run`."""
-    try:
-        from difflab.training import load_run as _load
-    except ImportError as e:  # the trainer is a separate module
-        raise DifflabError(f"loading runs needs difflab.training ({e})") from e
+    from difflab.training import load_run as _load
+
     run = _load(run_dir, checkpoint=checkpoint, ema=True)
     m = run.config.model
     classes = m.num_classes if getattr(m, "class_cond", False) else None
-    return EvalRun(Path(run_dir), run.config, run.denoiser, run.sample_shape, run.step, classes)
-
-
-def guided(run: EvalRun, scale: float | None, labels: torch.Tensor | None):
-    """The denoiser for one batch: conditional on ``labels``, with CFG at ``scale``."""
-    den = run.denoiser
-    if scale is None:
-        return den if labels is None else den.bind(_cond(labels))
-    if run.num_classes is None:
-        raise DifflabError(f"--guidance cfg:{scale:g} is not available for this run: its model "
-                           "is not class-conditional (model.class_cond = false)")
-    from difflab.guidance import cfg
-
-    null = torch.full_like(labels, run.num_classes)  # the null class id (Cond docs)
-    return cfg(den, _cond(labels), _cond(null), scale)
-
-
-def _cond(labels: torch.Tensor):
-    from difflab.cond import Cond
-
-    return Cond(labels=labels)
+    return EvalRun(Path(run_dir), run.config, run.denoiser, run.sample_shape, run.step, classes,
+                   run)
 
 
 @torch.no_grad()
 def generate(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
              progress: bool) -> torch.Tensor:
-    """``n`` samples of one setting; sample ``i`` has its own noise stream (batch-invariant)."""
-    from difflab.samplers import PerSampleNoise, get_sampler, sample
-    from difflab.training.sampling import sample_seeds, sampling_grid
+    """``n`` samples of one setting; sample ``i`` has its own noise stream (batch-invariant).
+    Class-conditional runs cycle through the classes, text runs through the configured
+    prompts; guidance as in ``difflab sample`` (:func:`difflab.training.guided.guided_inputs`)."""
+    from difflab.training.guided import guided_inputs
+    from difflab.training.sampling import generate as _generate
 
-    spec = get_sampler(setting.sampler)
-    grid = sampling_grid(run.denoiser.path, setting.steps)
-    seeds = sample_seeds(seed, n)
-    labels = None if run.num_classes is None else torch.arange(n) % run.num_classes
-    out = []
-    for lo in tqdm(range(0, n, batch_size), desc=f"sampling {setting.slug}", disable=not progress,
-                   unit="batch"):
-        hi = min(n, lo + batch_size)
-        noise = PerSampleNoise(seeds[lo:hi])
-        x = run.denoiser.path.prior_sample((hi - lo, *run.shape), noise=noise)
-        den = guided(run, setting.scale, None if labels is None else labels[lo:hi])
-        kw = {"noise": noise} if "noise" in spec.options() else {}
-        out.append(sample(setting.sampler, den, x, grid, **kw).float().clamp(-1, 1).cpu())
-    return torch.cat(out)
+    cond, null, guide = guided_inputs(run.loaded, n, setting.spec)
+    x = _generate(run.denoiser, run.shape, n, sampler=setting.sampler, steps=setting.steps,
+                  seed=seed, batch_size=batch_size, cond=cond, null_cond=null, guide=guide,
+                  progress=f"sampling {setting.slug}" if progress else None)
+    return x.float().clamp(-1, 1)
 
 
 def cached_samples(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
@@ -193,8 +172,13 @@ def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = Non
     except ImportError as e:
         return {"value": None, "note": f"difflab.likelihood unavailable ({e})"}
     x = real[:n]
-    den = run.denoiser if run.num_classes is None else run.denoiser.bind(
-        _cond(torch.full((x.shape[0],), run.num_classes)))  # unconditional likelihood
+    from difflab.training.conditioning import Conditioner
+
+    cond_er = Conditioner(run.config)  # the unconditional likelihood: the null condition
+    den = run.denoiser
+    if cond_er.kind != "none":
+        _, null = cond_er.make(x.shape[0], prompts=[""] if cond_er.kind == "text" else None)
+        den = den.bind(null)
     g = torch.Generator().manual_seed(0)
     if isinstance(den.path, DiscreteVP):
         from difflab.samplers.timesteps import discrete
@@ -223,12 +207,9 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     """Everything ``difflab eval`` does; returns the report dict (also written to disk)."""
     from difflab.config import build_dataset
 
-    samplers, scales = parse_samplers(args.samplers), parse_guidance(args.guidance)
+    samplers, guidances = parse_samplers(args.samplers), parse_guidance(args.guidance)
     metrics = parse_metrics(args.metrics)
     run = load_run(args.run, args.checkpoint)
-    if run.num_classes is None and any(s is not None for s in scales):
-        raise DifflabError("--guidance cfg:... is not available for this run: its model is not "
-                           "class-conditional (model.class_cond = false); drop --guidance")
     out_dir = Path(args.out) if args.out else run.run_dir / "eval"
     data = build_dataset(run.config)
     real, _ = dataset_tensors(data)
@@ -261,9 +242,9 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         report["likelihood"] = likelihood(run, real, args.nll_n, args.nll_steps)
     (out_dir / "grids").mkdir(parents=True, exist_ok=True)
     for (sampler, steps) in samplers:
-        for scale in scales:
+        for guidance in guidances:
             report["settings"].append(_evaluate_setting(
-                run, Setting(sampler, steps, scale), ref, feature_metrics, args, out_dir))
+                run, Setting(sampler, steps, guidance), ref, feature_metrics, args, out_dir))
     write_report(report, out_dir)
     return report
 
@@ -332,8 +313,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fid,kid,pr --n 5000 --train-extractor")
     p.add_argument("run", help="run folder (config.toml + checkpoints/step_N)")
     p.add_argument("--samplers", default="ddim:50", help="NAME:STEPS list (default ddim:50)")
-    p.add_argument("--guidance", default=None, help="'none' and/or cfg:SCALE list (class-"
-                   "conditional runs only)")
+    p.add_argument("--guidance", default=None, help="comma list of none, cfg:SCALE[:...] "
+                   "and classifier:RUN:SCALE (as difflab sample --guidance)")
     p.add_argument("--metrics", default="fid,kid,pr", help=f"subset of {','.join(METRICS)}")
     p.add_argument("--n", type=int, default=5000, help="samples per setting (default 5000)")
     p.add_argument("--nll-n", type=int, default=256, help="real images for nll (default 256)")

@@ -68,7 +68,7 @@ def generate(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str = 
              options: dict[str, Any] | None = None, seed: int = 0, batch_size: int = 256,
              labels: torch.Tensor | None = None, device: torch.device | str | None = None,
              clip_x0: bool = False, cond: Cond | None = None, null_cond: Cond | None = None,
-             guide: Guide | None = None) -> torch.Tensor:
+             guide: Guide | None = None, progress: str | None = None) -> torch.Tensor:
     """Draw ``n`` samples of ``shape = (C, H, W)`` with a registered sampler.
 
     Args:
@@ -85,7 +85,9 @@ def generate(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str = 
         cond: the condition of all ``n`` samples (sliced per batch).
         null_cond: the null / negative condition guidance contrasts ``cond`` with.
         guide: ``guide(den, cond_batch, null_batch) -> denoiser`` (e.g. classifier-free
-            guidance, :func:`difflab.guidance.spec.make_guide`); default: ``den.bind(cond)``.
+            guidance, :func:`difflab.training.guided.guided_inputs`); default:
+            ``den.bind(cond)``.
+        progress: a progress-bar title (None: no bar).
         device: where to sample (default: the network's device or the CPU).
         clip_x0: clip every clean-data estimate to ``[-1, 1]`` (static thresholding, DDPM's
             ``clip_denoised``) through the sampler's ``correct_x0`` hook.
@@ -110,6 +112,9 @@ def generate(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str = 
         params = list(net.parameters()) if isinstance(net, nn.Module) else []
         device = params[0].device if params else torch.device("cpu")
     out = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, desc=progress, disable=progress is None, unit="img", leave=False)
     for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
         noise = PerSampleNoise(seeds[lo:hi])
@@ -123,6 +128,8 @@ def generate(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str = 
         if clip_x0:
             kw["hooks"] = Hooks(correct_x0=StaticThreshold(-1.0, 1.0))
         out.append(sample(sampler, d, x, t_grid, **kw).float().cpu())
+        bar.update(hi - lo)
+    bar.close()
     return torch.cat(out)
 
 

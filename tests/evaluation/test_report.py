@@ -11,10 +11,8 @@ import torch
 
 from difflab.errors import DifflabError
 from difflab.evaluation.command import (
-    EvalRun,
     Setting,
     check_request,
-    guided,
     parse_guidance,
     parse_metrics,
     parse_samplers,
@@ -90,26 +88,36 @@ def test_comparison_has_one_table_and_one_plot(tmp_path):
 
 def test_option_parsing():
     assert parse_samplers("ddim:10, ddpm:1000") == [("ddim", 10), ("ddpm", 1000)]
-    assert parse_guidance("none,cfg:1,cfg:3.5") == [None, 1.0, 3.5]
+    assert parse_guidance("none,cfg:1,cfg:3.5,classifier:runs/c:2") == [
+        None, "cfg:1", "cfg:3.5", "classifier:runs/c:2"]
     assert parse_guidance(None) == [None]
     assert parse_metrics("FID,kid,pr,nll") == ["fid", "kid", "pr", "nll"]
     with pytest.raises(DifflabError, match=r"--samplers='nope:10'.*NAME one of"):
         parse_samplers("nope:10")
     with pytest.raises(DifflabError, match="STEPS a positive int"):
         parse_samplers("ddim:x")
-    with pytest.raises(DifflabError, match=r"--guidance='pag:2'.*cfg:SCALE"):
+    with pytest.raises(DifflabError, match=r"--guidance='pag:2'.*cfg:SCALE.*classifier:RUN"):
         parse_guidance("pag:2")
     with pytest.raises(DifflabError, match=r"--metrics='lpips'"):
         parse_metrics("fid,lpips")
-    assert Setting("ddim", 10, 3.0).slug == "ddim-10_cfg-3"
+    assert Setting("ddim", 10, "cfg:3").slug == "ddim-10_cfg-3"
+    assert Setting("ddim", 10, "cfg:3").scale == 3.0
+    assert Setting("ddim", 10, "classifier:runs/c:2").slug == "ddim-10_classifier-runs_c-2"
     assert Setting("ddpm", 1000).guidance == "none"
 
 
-def test_guidance_on_an_unconditional_run_is_a_clear_error():
-    run = EvalRun(run_dir=None, config=None, denoiser=object(), shape=(1, 8, 8), step=0,
-                  num_classes=None)
-    with pytest.raises(DifflabError, match="cfg:3 is not available for this run"):
-        guided(run, 3.0, torch.zeros(4, dtype=torch.long))
+def test_guidance_on_an_unconditional_run_is_a_clear_error(tmp_path):
+    from difflab.config import load_config
+    from difflab.evaluation.command import generate, load_run
+    from difflab.training import train
+
+    cfg = load_config("configs/ddpm_digits.toml", [
+        "train.steps=1", "train.sample_every=0", "train.tensorboard=false"])
+    train(cfg, tmp_path / "u", progress=False)
+    run = load_run(tmp_path / "u")
+    with pytest.raises(DifflabError, match="cfg:3 needs a conditional model"):
+        generate(run, Setting("ddim", 2, "cfg:3"), 4, 0, 4, False)
+    assert generate(run, Setting("ddim", 2), 4, 0, 4, False).shape == (4, 1, 8, 8)
 
 
 def test_impossible_requests_fail_before_sampling():
