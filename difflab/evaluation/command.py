@@ -128,31 +128,37 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None) -> EvalR
 
 @torch.no_grad()
 def generate(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
-             progress: bool) -> torch.Tensor:
+             progress: bool, clip_x0: bool | None = None) -> torch.Tensor:
     """``n`` samples of one setting; sample ``i`` has its own noise stream (batch-invariant).
     Class-conditional runs cycle through the classes, text runs through the configured
-    prompts; guidance as in ``difflab sample`` (:func:`difflab.training.guided.guided_inputs`)."""
+    prompts; guidance as in ``difflab sample`` (:func:`difflab.training.guided.guided_inputs`).
+    ``clip_x0`` (None: the run's ``sample.clip_x0``) clips every clean-data estimate to [-1, 1],
+    as the run's own sampling does (DDPM / iDDPM's ``clip_denoised``)."""
     from difflab.training.guided import guided_inputs
     from difflab.training.sampling import generate as _generate
 
     cond, null, guide = guided_inputs(run.loaded, n, setting.spec)
     x = _generate(run.denoiser, run.shape, n, sampler=setting.sampler, steps=setting.steps,
                   seed=seed, batch_size=batch_size, cond=cond, null_cond=null, guide=guide,
+                  clip_x0=run.config.sample.clip_x0 if clip_x0 is None else clip_x0,
                   progress=f"sampling {setting.slug}" if progress else None)
     return x.float().clamp(-1, 1)
 
 
 def cached_samples(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
-                   out_dir: Path, progress: bool) -> tuple[torch.Tensor, Path, float]:
+                   out_dir: Path, progress: bool, clip_x0: bool | None = None
+                   ) -> tuple[torch.Tensor, Path, float]:
     """Samples of a setting from ``out_dir/samples`` when generated before with the same
-    checkpoint, n and seed; else generated and saved. Returns ``(samples, file, seconds)``."""
+    checkpoint, n, seed and clipping; else generated and saved. Returns
+    ``(samples, file, seconds)``."""
     file = out_dir / "samples" / f"{setting.slug}.npy"
     meta_file = file.with_suffix(".json")
-    meta = {"step": run.step, "n": n, "seed": seed, "setting": setting.slug}
+    clip = run.config.sample.clip_x0 if clip_x0 is None else clip_x0
+    meta = {"step": run.step, "n": n, "seed": seed, "setting": setting.slug, "clip_x0": clip}
     if file.is_file() and meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
         return torch.from_numpy(np.load(file)), file, 0.0
     start = time.perf_counter()
-    x = generate(run, setting, n, seed, batch_size, progress)
+    x = generate(run, setting, n, seed, batch_size, progress, clip)
     seconds = time.perf_counter() - start
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{file.stem}.tmp-{os.getpid()}.npy")
@@ -269,7 +275,7 @@ def _evaluate_setting(run: EvalRun, setting: Setting, ref: RealReference, metric
     from difflab.samplers import get_sampler
 
     x, file, seconds = cached_samples(run, setting, args.n, args.seed, args.batch_size, out_dir,
-                                      args.progress)
+                                      args.progress, args.clip_x0)
     grid = out_dir / "grids" / f"{setting.slug}.png"
     save_image_grid(x[:64], grid, nrow=8)
     scores = {k: v.to_dict() for k, v in ref.evaluate(
@@ -322,6 +328,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "on discrete paths (default: every step)")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip clean-data estimates to [-1, 1] while sampling (default: the "
+                   "run's sample.clip_x0, as difflab sample)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="step_N (default: the latest)")
     p.add_argument("--extractor", default=None, help="feature extractor (default: the "

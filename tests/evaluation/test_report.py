@@ -165,6 +165,12 @@ def test_eval_and_compare_commands_end_to_end(tmp_path, monkeypatch, digits_mlp,
     args = parser.parse_args(argv[:-2] + ["--metrics", "fid", "--no-progress"])
     assert args.func(args) == 0
     assert all(s["seconds"] == 0.0 for s in read_report(run)["settings"])
+    # the run samples with clip_x0 = true (its config); turning it off is another sample set
+    meta = json.loads((run / "eval" / "samples" / "ddim-3_cfg-1.json").read_text())
+    assert meta["clip_x0"] is True
+    args = parser.parse_args(argv[:-2] + ["--metrics", "kid", "--no-progress", "--no-clip-x0"])
+    assert args.func(args) == 0
+    assert all(s["seconds"] > 0.0 for s in read_report(run)["settings"])
     args = parser.parse_args(["compare", str(run), str(run), "--out", str(tmp_path / "cmp")])
     assert args.func(args) == 0
     assert (tmp_path / "cmp" / "compare.md").is_file()
