@@ -40,7 +40,8 @@ class Cond:
         return None
 
     def map(self, fn) -> Cond:
-        """Apply ``fn`` to every tensor (also inside ``control``); used for cat / index / to()."""
+        """Apply ``fn`` to every tensor (also inside ``control`` and the tensor values of
+        ``extra``, which are per-sample like the other fields); used for index / to()."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -48,6 +49,8 @@ class Cond:
                 v = fn(v)
             elif isinstance(v, list):
                 v = [fn(c) for c in v]
+            elif f.name == "extra":
+                v = {k: fn(x) if isinstance(x, torch.Tensor) else x for k, x in v.items()}
             out[f.name] = v
         return replace(self, **out)
 
@@ -55,7 +58,13 @@ class Cond:
         return self.map(lambda v: v.to(*args, **kwargs))
 
     def __getitem__(self, idx) -> Cond:
-        return self.map(lambda v: v[idx])
+        out = self.map(lambda v: v[idx])
+        if any(isinstance(x, list) for x in out.extra.values()):  # per-sample lists (captions)
+            rows = (idx if isinstance(idx, slice) else
+                    torch.as_tensor(idx).reshape(-1).tolist())
+            out.extra = {k: (x[rows] if isinstance(rows, slice) else [x[i] for i in rows])
+                         if isinstance(x, list) else x for k, x in out.extra.items()}
+        return out
 
     @staticmethod
     def cat(conds: list[Cond]) -> Cond:

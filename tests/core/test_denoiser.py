@@ -186,3 +186,23 @@ def test_denoiser_returns_a_prediction_matching_the_input(any_path, mixture4d, o
     assert pred.x0.shape == x.shape and pred.t.shape == (3,)
     a, s = any_path.alpha(t)[:, None].float(), any_path.sigma(t)[:, None].float()
     torch.testing.assert_close(a * pred.x0 + s * pred.eps, x.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_cond_index_and_to_reach_the_per_sample_extras():
+    """``Cond.extra`` holds per-sample tensors and lists (captions, text embeddings): indexing
+    slices them with the other fields, ``to`` moves only tensors, ``cat`` joins them."""
+    emb = torch.arange(12.0).reshape(6, 2)
+    c = Cond(labels=torch.arange(6), extra={"text_emb": emb, "captions": list("abcdef"),
+                                            "note": "kept"})
+    part = c[2:5]
+    assert torch.equal(part.labels, torch.tensor([2, 3, 4]))
+    assert torch.equal(part.extra["text_emb"], emb[2:5])
+    assert part.extra["captions"] == ["c", "d", "e"] and part.extra["note"] == "kept"
+    picked = c[torch.tensor([5, 0])]
+    assert picked.extra["captions"] == ["f", "a"]
+    assert torch.equal(picked.extra["text_emb"], emb[[5, 0]])
+    moved = c.to(torch.float64)
+    assert moved.extra["text_emb"].dtype == torch.float64 and moved.extra["captions"] == c.extra[
+        "captions"]
+    back = Cond.cat([c[:2], c[2:]])
+    assert torch.equal(back.extra["text_emb"], emb) and back.extra["captions"] == list("abcdef")
