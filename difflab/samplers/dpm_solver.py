@@ -29,7 +29,6 @@ the large final steps of short grids).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,127 +42,24 @@ from difflab.samplers.base import (
     Hooks,
     StepInfo,
     after_step,
-    as_hooks,
-    check_grid,
-    check_x,
     predict,
     register,
 )
+from difflab.samplers.exponential import (
+    DATA,
+    NOISE,
+    Form,
+    Node,
+    finish,
+    first_order,
+    hphi,
+    node_at,
+    nodes,
+    prepare,
+    step_orders,
+    warn_fallback,
+)
 from difflab.samplers.noise import as_noise
-
-LOWER_ORDER_FINAL_BELOW = 10  # solver steps
-
-
-# ----- shared helpers (also used by unipc, pndm) ---------------------------------------------
-@dataclass(frozen=True)
-class Node:
-    """A time with its schedule values as float64 numbers (computed once per grid point)."""
-
-    t: torch.Tensor  # 0-dim float64
-    alpha: float
-    sigma: float
-    lam: float  # half log-SNR log(alpha / sigma)
-
-    @property
-    def rho(self) -> float:
-        """``sigma / alpha`` (EDM's sigma~, DDIM's sigma-bar)."""
-        return self.sigma / self.alpha
-
-
-def nodes(path: GaussianPath, times: torch.Tensor) -> list[Node]:
-    """:class:`Node` s for positive ``times``, with one vectorised call per schedule function."""
-    cols = (path.alpha(times).tolist(), path.sigma(times).tolist(),
-            (0.5 * path.log_snr(times)).tolist())
-    return [Node(t, a, s, lam_t) for t, a, s, lam_t in zip(times, *cols)]
-
-
-def node_at(path: GaussianPath, lam_value: float) -> Node:
-    """The node with half log-SNR ``lam_value`` (``t`` from the path's exact inverse)."""
-    t = path.t_from_log_snr(torch.tensor(2.0 * lam_value, dtype=torch.float64))
-    return Node(t, float(path.alpha(t)), float(path.sigma(t)), lam_value)
-
-
-def hphi(k: int, h: float, sign: float) -> float:
-    """``h^k phi_k(sign h)``: the weight of ``f^(k-1)`` in the exponential integrator.
-
-    ``z^k phi_k(z) = e^z - sum_{j<k} z^j / j!`` (computed with ``expm1``), divided by
-    ``sign^k`` (``sign = +-1``). ``hphi(1, h, +1) = e^h - 1``, ``hphi(1, h, -1) = 1 - e^-h``.
-    """
-    z = sign * h
-    acc, term = math.expm1(z), 1.0
-    for j in range(1, k):
-        term *= z / j
-        acc -= term
-    return acc * sign**k
-
-
-@dataclass(frozen=True)
-class Form:
-    """Which model output the integrator expands: ``x0`` (data form) or ``eps`` (noise form)."""
-
-    output: Callable[[Prediction], torch.Tensor]
-    sign: float  # z = sign * h in phi_k(z)
-    coefs: Callable[[Node, Node], tuple[float, float]]  # (A, C) of a step t -> s
-
-
-DATA = Form(lambda p: p.x0, -1.0, lambda t, s: (s.sigma / t.sigma, s.alpha))
-NOISE = Form(lambda p: p.eps, 1.0, lambda t, s: (s.alpha / t.alpha, -s.sigma))
-
-
-def first_order(form: Form, x: torch.Tensor, t: Node, s: Node, f: torch.Tensor) -> torch.Tensor:
-    """DPM-Solver-1 (eq. 3.7) / DPM-Solver++1: ``A x + C h phi_1 f``; this is DDIM."""
-    A, C = form.coefs(t, s)
-    return A * x + (C * hphi(1, s.lam - t.lam, form.sign)) * f
-
-
-def split_grid(grid: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The positive times of a checked grid and whether it ends at the data (``t = 0``)."""
-    to_zero = float(grid[-1]) == 0.0
-    return (grid[:-1] if to_zero else grid), to_zero
-
-
-def finish(den: DenoiserBase, x: torch.Tensor, times: torch.Tensor, to_zero: bool,
-           hooks: Hooks, pred: Prediction | None = None) -> torch.Tensor:
-    """The final step to ``t = 0``: ``x0_hat`` at the last positive time (one evaluation).
-
-    ``pred`` may pass an evaluation already made at ``(x, times[-1])``.
-    """
-    if not to_zero:
-        return x
-    t = times[-1]
-    if pred is None:
-        pred = predict(den, x, t, hooks)
-    n = times.numel()
-    return after_step(hooks, n - 1, n, t, 0.0, pred.x0, pred)
-
-
-def warn_fallback(name: str, grid_steps: int, solver_steps: int, order: int,
-                  fallback: int | None = None) -> None:
-    """Warn (once per call) that a grid is too short for a multistep solver's order."""
-    fallback = max(1, solver_steps) if fallback is None else fallback
-    warnings.warn(
-        f"{name} was given {grid_steps} step(s) ({solver_steps} solver step(s) before any "
-        f"final denoising step), fewer than its order {order}: it falls back to order "
-        f"{fallback}",
-        stacklevel=3,
-    )
-
-
-def step_orders(order: int, n: int, lower_order_final: bool) -> list[int]:
-    """Order of each of ``n`` multistep steps: warm-up ``min(order, i + 1)`` and, for grids
-    shorter than 10 steps with ``lower_order_final``, ``min(., n - i)`` at the end."""
-    orders = [min(order, i + 1) for i in range(n)]
-    if lower_order_final and n < LOWER_ORDER_FINAL_BELOW:
-        orders = [min(k, n - i) for i, k in enumerate(orders)]
-    return orders
-
-
-def prepare(den: DenoiserBase, x, grid, hooks):
-    """Validate the inputs; return ``hooks, grid, x, positive times, ends at 0``."""
-    hooks = as_hooks(hooks)
-    grid, x = check_grid(grid, den.path), check_x(x)
-    times, to_zero = split_grid(grid)
-    return hooks, grid, x, times, to_zero
 
 
 def _check_r(name: str, r: float) -> None:

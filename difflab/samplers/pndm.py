@@ -30,7 +30,7 @@ import torch
 
 from difflab.denoiser import DenoiserBase
 from difflab.samplers.base import after_step, check_grid, predict, register
-from difflab.samplers.dpm_solver import Node, finish, nodes, prepare, warn_fallback
+from difflab.samplers.exponential import Node, finish, nodes, prepare, warn_fallback
 
 
 def transfer(x: torch.Tensor, eps: torch.Tensor, t: Node, s: Node) -> torch.Tensor:

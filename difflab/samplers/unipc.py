@@ -37,7 +37,7 @@ import torch
 from difflab.denoiser import DenoiserBase
 from difflab.errors import bad_value
 from difflab.samplers.base import after_step, predict, register
-from difflab.samplers.dpm_solver import (
+from difflab.samplers.exponential import (
     DATA,
     finish,
     hphi,

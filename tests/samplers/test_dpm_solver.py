@@ -16,7 +16,8 @@ from difflab.denoiser import DenoiserBase
 from difflab.errors import DifflabError
 from difflab.paths import EDM, VP
 from difflab.samplers import PerSampleNoise, sample, timesteps
-from difflab.samplers.dpm_solver import hphi, newton_derivatives, step_orders
+from difflab.samplers.dpm_solver import newton_derivatives
+from difflab.samplers.exponential import hphi, step_orders
 from difflab.testing import GaussianMixture, probability_flow_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ import difflab.samplers.pndm  # noqa: F401  (registers the solvers)
 from difflab.paths import EDM, VP
 from difflab.prediction import Prediction
 from difflab.samplers import sample, timesteps
-from difflab.samplers.dpm_solver import nodes
+from difflab.samplers.exponential import nodes
 from difflab.samplers.pndm import adams_bashforth_weights, transfer
 from difflab.testing import GaussianMixture
 
