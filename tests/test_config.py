@@ -9,21 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from difflab.config import (
-    UNET_OVERRIDES,
-    Config,
-    apply_overrides,
+from difflab.builders import (
     build_dataset,
     build_denoiser,
     build_model,
     build_objective,
     build_path,
+    resolve_data_fields,
+    unet_config,
+)
+from difflab.config import (
+    UNET_OVERRIDES,
+    Config,
+    apply_overrides,
     config_to_toml,
     load_config,
     parse_override,
-    resolve_data_fields,
     save_config,
-    unet_config,
 )
 from difflab.denoiser import EDMPrecond
 from difflab.errors import DifflabError

@@ -211,7 +211,7 @@ def check_request(metrics: list[str], n: int, ext) -> None:
 
 def evaluate_run(args: argparse.Namespace) -> dict:
     """Everything ``difflab eval`` does; returns the report dict (also written to disk)."""
-    from difflab.config import build_dataset
+    from difflab.builders import build_dataset
 
     samplers, guidances = parse_samplers(args.samplers), parse_guidance(args.guidance)
     metrics = parse_metrics(args.metrics)
@@ -263,7 +263,7 @@ def _native_data(name: str, cfg, data):
     spec = EXTRACTORS.get(name)
     if spec is None or spec.image_size == data.image_size:
         return data
-    from difflab.config import build_dataset
+    from difflab.builders import build_dataset
 
     d = cfg.data.model_copy(update={"image_size": spec.image_size})
     return build_dataset(cfg.model_copy(update={"data": d}))

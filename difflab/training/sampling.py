@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflab.builders import build_denoiser, build_model, build_path
 from difflab.cond import Cond
-from difflab.config import Config, build_denoiser, build_model, build_path, load_config
+from difflab.config import Config, load_config
 from difflab.denoiser import DenoiserBase
 from difflab.errors import DifflabError
 from difflab.paths import EDM, VE, DiscreteVP, GaussianPath

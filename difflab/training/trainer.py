@@ -28,9 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from difflab.cond import Cond
-from difflab.config import (
-    Config,
+from difflab.builders import (
     build_dataset,
     build_denoiser,
     build_model,
@@ -38,8 +36,9 @@ from difflab.config import (
     build_path,
     resolve_data_fields,
     resolve_text_fields,
-    save_config,
 )
+from difflab.cond import Cond
+from difflab.config import Config, save_config
 from difflab.data import save_image_grid
 from difflab.errors import DifflabError
 from difflab.training.checkpoint import (

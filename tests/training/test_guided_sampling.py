@@ -192,7 +192,7 @@ def _text_cfg(root: Path, **extra):
 
 
 def test_text_conditions_in_training(emoji_subset):
-    from difflab.config import build_dataset, resolve_data_fields, resolve_text_fields
+    from difflab.builders import build_dataset, resolve_data_fields, resolve_text_fields
     from difflab.networks.text import load_text_encoder
 
     cfg = _text_cfg(emoji_subset)
@@ -275,11 +275,11 @@ def test_text_config_errors(emoji_subset):
     with pytest.raises(DifflabError, match="cannot both be set"):
         _text_cfg(emoji_subset, model={"class_cond": True})
     with pytest.raises(DifflabError, match="context_dim=64 does not match"):
-        from difflab.config import resolve_text_fields
+        from difflab.builders import resolve_text_fields
 
         resolve_text_fields(_text_cfg(emoji_subset, model={"context_dim": 64}))
     with pytest.raises(DifflabError, match="could not load text encoder"):
-        from difflab.config import text_dim
+        from difflab.builders import text_dim
 
         text_dim(_text_cfg(emoji_subset, model={"text_encoder": "nobody/no-model"}))
 
@@ -287,7 +287,7 @@ def test_text_config_errors(emoji_subset):
 def test_alignment_model_trains_from_a_config(emoji_subset, tmp_path):
     """``model.arch = "alignment"``: the batch's captions arrive as pooled MiniLM sentence
     embeddings, the contrastive loss trains it, and SDG reads it back from the run."""
-    from difflab.config import build_dataset, resolve_data_fields
+    from difflab.builders import build_dataset, resolve_data_fields
     from difflab.guidance import alignment_score
     from difflab.networks.noisy import NoisyModel
     from difflab.networks.text import load_text_encoder

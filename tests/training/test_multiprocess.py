@@ -55,14 +55,14 @@ def test_two_processes_train_and_only_the_main_one_writes(tmp_path):
 
 
 def first_step_loss(run: Path) -> float:
-    from difflab.config import (
+    from difflab.builders import (
         build_dataset,
         build_denoiser,
         build_model,
         build_objective,
         build_path,
-        load_config,
     )
+    from difflab.config import load_config
     from difflab.data import collate
     from difflab.training import BatchOrder, mix_seed
 
