@@ -16,7 +16,6 @@ here is the network's own time signal (``NoisyModel`` converts path time).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,8 @@ from difflab.networks.layers import (
     EmbedSequential,
     ResBlock,
     TimeEmbedding,
+    check_image_and_time,
+    preset_config,
     silu_,
     timestep_embedding,
 )
@@ -97,16 +98,7 @@ class AlignmentConfig:
 
         Example: ``AlignmentConfig.preset("tiny", image_size=8)``.
         """
-        if name not in PRESETS:
-            raise bad_value("preset", name, f"one of {sorted(PRESETS)}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise DifflabError(
-                f"AlignmentConfig.preset: unknown field(s) {unknown}; the fields are "
-                f"{sorted(known)}"
-            )
-        return dataclasses.replace(PRESETS[name], **overrides)
+        return preset_config(cls, PRESETS, name, overrides, scale_attention=False)
 
 
 class AlignmentModel(nn.Module):
@@ -240,26 +232,8 @@ class AlignmentModel(nn.Module):
 
     def _check_inputs(self, x: Tensor, t: Tensor) -> Tensor:
         c = self.config
-        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != c.in_channels:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise DifflabError(
-                f"AlignmentModel: expected x_t of shape (B, {c.in_channels}, H, W) "
-                f"(in_channels={c.in_channels}), got {got}"
-            )
-        B, _, H, W = x.shape
-        f = c.downsample_factor
-        if H % f or W % f:
-            raise DifflabError(
-                f"AlignmentModel: image size {H}x{W} is not divisible by the downsampling "
-                f"factor {f}; pad or resize to a multiple of {f}"
-            )
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(B) if t.ndim == 0 else t
-        if t.shape != (B,):
-            raise DifflabError(
-                f"AlignmentModel: expected t of shape ({B},) or a scalar, got {tuple(t.shape)}"
-            )
-        return t
+        return check_image_and_time("AlignmentModel", x, t, c.in_channels,
+                                    c.downsample_factor, x_name="x_t")
 
 
 # Size presets. ``tiny`` is for tests and toy problems, ``small`` for CPU training on the emoji

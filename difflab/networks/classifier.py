@@ -29,7 +29,9 @@ from difflab.networks.layers import (
     EmbedSequential,
     ResBlock,
     TimeEmbedding,
+    check_image_and_time,
     group_norm,
+    preset_config,
     silu_,
 )
 
@@ -175,21 +177,7 @@ class ClassifierConfig:
 
         Example: ``ClassifierConfig.preset("small", image_size=28, in_channels=1)``.
         """
-        if name not in PRESETS:
-            raise bad_value("preset", name, f"one of {sorted(PRESETS)}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise DifflabError(
-                f"ClassifierConfig.preset: unknown field(s) {unknown}; "
-                f"the fields are {sorted(known)}"
-            )
-        base = PRESETS[name]
-        size = overrides.get("image_size", base.image_size)
-        if "attention_resolutions" not in overrides and size % base.downsample_factor == 0:
-            factors = [base.image_size // r for r in base.attention_resolutions]
-            overrides["attention_resolutions"] = tuple(size // f for f in factors)
-        return dataclasses.replace(base, **overrides)
+        return preset_config(cls, PRESETS, name, overrides)
 
 
 class NoisyClassifier(nn.Module):
@@ -279,29 +267,13 @@ class NoisyClassifier(nn.Module):
 
     def _check_inputs(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
         c = self.config
-        if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise DifflabError(
-                f"NoisyClassifier: expected x of shape (B, {c.in_channels}, H, W) "
-                f"(in_channels={c.in_channels}), got {tuple(x.shape)}"
-            )
-        B, _, H, W = x.shape
+        t = check_image_and_time("NoisyClassifier", x, t, c.in_channels, c.downsample_factor)
+        H, W = x.shape[-2:]
         if c.pool == "attention" and (H, W) != (c.image_size, c.image_size):
             raise DifflabError(
                 f"NoisyClassifier: attention pooling fixes the input size to "
                 f"{c.image_size}x{c.image_size} (image_size), got {H}x{W}; resize the input, "
                 "or use pool='mean' for other sizes"
-            )
-        f = c.downsample_factor
-        if H % f or W % f:
-            raise DifflabError(
-                f"NoisyClassifier: image size {H}x{W} is not divisible by the downsampling "
-                f"factor {f}; pad or resize to a multiple of {f}"
-            )
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(B) if t.ndim == 0 else t
-        if t.shape != (B,):
-            raise DifflabError(
-                f"NoisyClassifier: expected t of shape ({B},) or a scalar, got {tuple(t.shape)}"
             )
         if cond is not None:
             given = [f.name for f in dataclasses.fields(cond)

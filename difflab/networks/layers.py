@@ -265,3 +265,53 @@ class EmbedSequential(nn.ModuleList):
         for block in self:
             x = block(x, emb, context, context_mask)
         return x
+
+
+# ----- shared by the U-Net, the noise-aware classifier and the alignment model ----------------
+def preset_config(cls: type, presets: dict, name: str, overrides: dict,
+                  scale_attention: bool = True):
+    """``presets[name]`` with ``overrides`` (unknown fields rejected). With
+    ``scale_attention``, overriding ``image_size`` alone keeps attention at the same levels
+    (``small`` at 28 px attends at 14x14 where it attends at 16x16 for 32 px)."""
+    import dataclasses
+
+    from difflab.errors import DifflabError, bad_value
+
+    if name not in presets:
+        raise bad_value("preset", name, f"one of {sorted(presets)}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise DifflabError(f"{cls.__name__}.preset: unknown field(s) {unknown}; the fields are "
+                           f"{sorted(known)}")
+    base = presets[name]
+    overrides = dict(overrides)
+    size = overrides.get("image_size", base.image_size)
+    if (scale_attention and "attention_resolutions" not in overrides
+            and size % base.downsample_factor == 0):
+        factors = [base.image_size // r for r in base.attention_resolutions]
+        overrides["attention_resolutions"] = tuple(size // f for f in factors)
+    return dataclasses.replace(base, **overrides)
+
+
+def check_image_and_time(owner: str, x: Tensor, t: Tensor, in_channels: int, factor: int,
+                         x_name: str = "x") -> Tensor:
+    """Check ``x (B, in_channels, H, W)`` with H, W multiples of the downsampling ``factor``;
+    returns ``t`` as a ``(B,)`` tensor (a scalar is broadcast)."""
+    from difflab.errors import DifflabError
+
+    if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != in_channels:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise DifflabError(f"{owner}: expected {x_name} of shape (B, {in_channels}, H, W) "
+                           f"(in_channels={in_channels}), got {got}")
+    B, _, H, W = x.shape
+    if H % factor or W % factor:
+        raise DifflabError(f"{owner}: image size {H}x{W} is not divisible by the downsampling "
+                           f"factor {factor} (2 ** (len(channel_mult) - 1)); pad or resize to a "
+                           f"multiple of {factor}")
+    t = torch.as_tensor(t, device=x.device)
+    t = t.expand(B) if t.ndim == 0 else t
+    if t.shape != (B,):
+        raise DifflabError(f"{owner}: expected t of shape ({B},) or a scalar, got "
+                           f"{tuple(t.shape)}")
+    return t

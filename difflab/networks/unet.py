@@ -12,7 +12,6 @@ The file reads top to bottom: the configuration, the model, then its size preset
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +28,9 @@ from difflab.networks.layers import (
     ResBlock,
     TimeEmbedding,
     Upsample,
+    check_image_and_time,
     group_norm,
+    preset_config,
     silu_,
 )
 
@@ -144,20 +145,7 @@ class UNetConfig:
 
         Example: ``UNetConfig.preset("small", image_size=28, in_channels=1, num_classes=10)``.
         """
-        if name not in PRESETS:
-            raise bad_value("preset", name, f"one of {sorted(PRESETS)}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise DifflabError(
-                f"UNetConfig.preset: unknown field(s) {unknown}; the fields are {sorted(known)}"
-            )
-        base = PRESETS[name]
-        size = overrides.get("image_size", base.image_size)
-        if "attention_resolutions" not in overrides and size % base.downsample_factor == 0:
-            factors = [base.image_size // r for r in base.attention_resolutions]
-            overrides["attention_resolutions"] = tuple(size // f for f in factors)
-        return dataclasses.replace(base, **overrides)
+        return preset_config(cls, PRESETS, name, overrides)
 
 
 class UNet(nn.Module):
@@ -300,24 +288,8 @@ class UNet(nn.Module):
     def _check_inputs(self, x: Tensor, t: Tensor, cond: Cond | None) -> tuple[Any, ...]:
         """Validate; returns ``(t, labels, context, context_mask, concat, control)``."""
         c, cond = self.config, cond if cond is not None else Cond()
-        if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise DifflabError(
-                f"UNet: expected x of shape (B, {c.in_channels}, H, W) "
-                f"(in_channels={c.in_channels}), got {tuple(x.shape)}"
-            )
+        t = check_image_and_time("UNet", x, t, c.in_channels, c.downsample_factor)
         B, _, H, W = x.shape
-        f = c.downsample_factor
-        if H % f or W % f:
-            raise DifflabError(
-                f"UNet: image size {H}x{W} is not divisible by the downsampling factor {f} "
-                f"(2 ** (len(channel_mult) - 1)); pad or resize to a multiple of {f}"
-            )
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(B) if t.ndim == 0 else t
-        if t.shape != (B,):
-            raise DifflabError(
-                f"UNet: expected t of shape ({B},) or a scalar, got {tuple(t.shape)}"
-            )
         labels = self._check_labels(cond.labels, B, x.device)
         context, mask = self._check_context(cond.context, cond.context_mask, B)
         if c.concat_channels:
