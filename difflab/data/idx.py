@@ -24,6 +24,7 @@ from difflab.data.base import (
     Transform,
     check_split,
     data_home,
+    holdout_indices,
 )
 from difflab.data.download import download_files
 from difflab.data.transforms import ResizeMethod, resize_batch
@@ -91,6 +92,13 @@ class MNIST(ArrayDataset):
         mirrors: base URLs tried in order (default :attr:`MIRRORS`).
         resize_method: PIL filter used when ``image_size != 28``.
         transform: optional function applied to each ``[-1, 1]`` image.
+        holdout_fraction: fraction of the loaded images (stratified by class, seeded by
+            ``seed``) set aside, e.g. to score a model on digits it never saw when only one
+            official split is present. ``0`` keeps everything.
+        held_out: return the held-out part instead of the rest.
+        seed: seed of the hold-out permutation. With the same seed a smaller fraction's
+            held-out part lies inside a larger one's (so the ``mnist-lenet`` judge, which holds
+            out 0.2 with seed 0, never trained on the part a 0.1 hold-out keeps for scoring).
     """
 
     name = "mnist"
@@ -117,6 +125,9 @@ class MNIST(ArrayDataset):
         mirrors: Sequence[str] | None = None,
         resize_method: ResizeMethod = "bicubic",
         transform: Transform | None = None,
+        holdout_fraction: float = 0.0,
+        held_out: bool = False,
+        seed: int = 0,
     ) -> None:
         check_split(split)
         self.root = Path(root) if root is not None else data_home() / self.name
@@ -130,8 +141,14 @@ class MNIST(ArrayDataset):
             raise self._missing(wanted)
         images, labels = zip(*(self._read_split(s) for s in present))
         self.splits = present
-        x = resize_batch(np.concatenate(images), image_size, resize_method)
-        super().__init__(torch.from_numpy(x).unsqueeze(1), np.concatenate(labels),
+        images, labels = np.concatenate(images), np.concatenate(labels)
+        if holdout_fraction or held_out:
+            keep = holdout_indices(len(labels), "test" if held_out else "train",
+                                   holdout_fraction, seed, labels)
+            images, labels = images[keep], labels[keep]
+        self.holdout_fraction, self.held_out = holdout_fraction, held_out
+        x = resize_batch(images, image_size, resize_method)
+        super().__init__(torch.from_numpy(x).unsqueeze(1), labels,
                          num_classes=10, transform=transform, name=self.name)
         self.class_names = list(self.CLASS_NAMES)
 

@@ -149,3 +149,26 @@ def test_fashion_mnist_reads_the_same_format(mnist_dir, tmp_path):
     assert ds.class_names[9] == "Ankle boot"
     with pytest.raises(DataNotFoundError, match="fashion-mnist.s3-website"):
         FashionMNIST(tmp_path, split="train")
+
+
+def test_holdout_is_stratified_disjoint_and_nested(mnist_dir, mnist_test):
+    """``holdout_fraction`` splits the loaded images: every image lands in exactly one part,
+    each class gives round(f * count) images, and a 0.1 hold-out lies inside the 0.2 one of
+    the same seed (the part the ``mnist-lenet`` judge never trains on)."""
+    def rows(ds):
+        return [ds.images[i].numpy().tobytes() for i in range(len(ds))]
+
+    rest = MNIST(mnist_dir, split="test", holdout_fraction=0.1)
+    held = MNIST(mnist_dir, split="test", holdout_fraction=0.1, held_out=True)
+    held20 = MNIST(mnist_dir, split="test", holdout_fraction=0.2, held_out=True)
+    assert len(rest) + len(held) == 10000
+    expected = [int(round(0.1 * c)) for c in MNIST_TEST_COUNTS]
+    assert torch.bincount(held.labels, minlength=10).tolist() == expected
+    all_rows = rows(mnist_test)
+    assert sorted(rows(rest) + rows(held)) == sorted(all_rows)
+    assert set(rows(held)) <= set(rows(held20))
+    assert not set(rows(held)) & set(rows(rest))
+    other_seed = MNIST(mnist_dir, split="test", holdout_fraction=0.1, held_out=True, seed=1)
+    assert set(rows(other_seed)) != set(rows(held))
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        MNIST(mnist_dir, split="test", holdout_fraction=1.5)
