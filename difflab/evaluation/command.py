@@ -36,6 +36,12 @@ class Setting:
     sampler: str
     steps: int
     spec: str | None = None
+    grid: str | None = None  # None: the path's default grid ("auto")
+
+    @property
+    def label(self) -> str:
+        """The sampler as reports name it: ``dpmpp_2m`` or ``dpmpp_2m[log_snr]``."""
+        return self.sampler if self.grid is None else f"{self.sampler}[{self.grid}]"
 
     @property
     def guidance(self) -> str:
@@ -52,23 +58,30 @@ class Setting:
     @property
     def slug(self) -> str:
         g = "" if self.spec is None else "_" + self.spec.replace(":", "-").replace("/", "_")
-        return f"{self.sampler}-{self.steps}{g}"
+        grid = "" if self.grid is None else f"-{self.grid}"
+        return f"{self.sampler}-{self.steps}{grid}{g}"
 
 
-def parse_samplers(text: str) -> list[tuple[str, int]]:
-    """``"ddim:10,ddpm:1000"`` -> ``[("ddim", 10), ("ddpm", 1000)]`` (names checked against the
-    sampler registry)."""
+def parse_samplers(text: str) -> list[tuple[str, int, str | None]]:
+    """``"ddim:10,dpmpp_2m:20:log_snr"`` -> ``[("ddim", 10, None), ("dpmpp_2m", 20,
+    "log_snr")]``: ``NAME:STEPS[:GRID]``, names checked against the sampler and grid registries
+    (no grid: the path's default)."""
     from difflab.samplers import SAMPLERS
+    from difflab.samplers.timesteps import GRIDS
 
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, steps = item.partition(":")
+        name, _, rest = item.partition(":")
+        steps, _, grid = rest.partition(":")
         if name not in SAMPLERS:
             raise bad_value("--samplers", item, f"NAME:STEPS with NAME one of {sorted(SAMPLERS)}")
         if not steps.isdigit() or int(steps) < 1:
             raise bad_value("--samplers", item, "NAME:STEPS with STEPS a positive int, e.g. "
                             "ddim:50")
-        out.append((name, int(steps)))
+        if grid and grid not in GRIDS:
+            raise bad_value("--samplers", item, f"NAME:STEPS:GRID with GRID one of "
+                            f"{', '.join(GRIDS)}")
+        out.append((name, int(steps), grid or None))
     if not out:
         raise bad_value("--samplers", text, "a comma-separated list like ddim:10,ddpm:1000")
     return out
@@ -139,7 +152,7 @@ def generate(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
 
     cond, null, guide = guided_inputs(run.loaded, n, setting.spec)
     x = _generate(run.denoiser, run.shape, n, sampler=setting.sampler, steps=setting.steps,
-                  seed=seed, batch_size=batch_size, cond=cond, null_cond=null, guide=guide,
+                  grid=setting.grid or "auto", seed=seed, batch_size=batch_size, cond=cond, null_cond=null, guide=guide,
                   clip_x0=run.config.sample.clip_x0 if clip_x0 is None else clip_x0,
                   progress=f"sampling {setting.slug}" if progress else None)
     return x.float().clamp(-1, 1)
@@ -247,10 +260,11 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     if "nll" in metrics:
         report["likelihood"] = likelihood(run, real, args.nll_n, args.nll_steps)
     (out_dir / "grids").mkdir(parents=True, exist_ok=True)
-    for (sampler, steps) in samplers:
+    for (sampler, steps, grid) in samplers:
         for guidance in guidances:
             report["settings"].append(_evaluate_setting(
-                run, Setting(sampler, steps, guidance), ref, feature_metrics, args, out_dir))
+                run, Setting(sampler, steps, guidance, grid), ref, feature_metrics, args,
+                out_dir))
     write_report(report, out_dir)
     return report
 
@@ -281,7 +295,8 @@ def _evaluate_setting(run: EvalRun, setting: Setting, ref: RealReference, metric
     scores = {k: v.to_dict() for k, v in ref.evaluate(
         x, metrics, args.progress, kid_subsets=args.kid_subsets).items()}
     nfe = setting.steps * get_sampler(setting.sampler).evals_per_step
-    return {"sampler": setting.sampler, "steps": setting.steps, "nfe": nfe,
+    return {"sampler": setting.label, "grid": setting.grid or "auto", "steps": setting.steps,
+            "nfe": nfe,
             "guidance": setting.guidance, "scale": setting.scale, "n": int(x.shape[0]),
             "scores": scores, "samples": str(file.relative_to(out_dir)),
             "grid": str(grid.relative_to(out_dir)), "seconds": seconds}
@@ -318,7 +333,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="example:\n  difflab eval runs/mnist --samplers ddim:10,ddim:50 --metrics "
         "fid,kid,pr --n 5000 --train-extractor")
     p.add_argument("run", help="run folder (config.toml + checkpoints/step_N)")
-    p.add_argument("--samplers", default="ddim:50", help="NAME:STEPS list (default ddim:50)")
+    p.add_argument("--samplers", default="ddim:50",
+                   help="NAME:STEPS[:GRID] list (default ddim:50; GRID e.g. log_snr, karras; "
+                        "default the path's own grid)")
     p.add_argument("--guidance", default=None, help="comma list of none, cfg:SCALE[:...] "
                    "and classifier:RUN:SCALE (as difflab sample --guidance)")
     p.add_argument("--metrics", default="fid,kid,pr", help=f"subset of {','.join(METRICS)}")

@@ -87,7 +87,10 @@ def test_comparison_has_one_table_and_one_plot(tmp_path):
 
 
 def test_option_parsing():
-    assert parse_samplers("ddim:10, ddpm:1000") == [("ddim", 10), ("ddpm", 1000)]
+    assert parse_samplers("ddim:10, ddpm:1000,dpmpp_2m:20:log_snr") == [
+        ("ddim", 10, None), ("ddpm", 1000, None), ("dpmpp_2m", 20, "log_snr")]
+    with pytest.raises(DifflabError, match="GRID one of uniform"):
+        parse_samplers("ddim:10:loglog")
     assert parse_guidance("none,cfg:1,cfg:3.5,classifier:runs/c:2") == [
         None, "cfg:1", "cfg:3.5", "classifier:runs/c:2"]
     assert parse_guidance(None) == [None]
@@ -104,6 +107,8 @@ def test_option_parsing():
     assert Setting("ddim", 10, "cfg:3").scale == 3.0
     assert Setting("ddim", 10, "classifier:runs/c:2").slug == "ddim-10_classifier-runs_c-2"
     assert Setting("ddpm", 1000).guidance == "none"
+    assert Setting("ddim", 10, "cfg:3", "karras").slug == "ddim-10-karras_cfg-3"
+    assert Setting("ddim", 10, None, "karras").label == "ddim[karras]"
 
 
 def test_guidance_on_an_unconditional_run_is_a_clear_error(tmp_path):
@@ -117,7 +122,15 @@ def test_guidance_on_an_unconditional_run_is_a_clear_error(tmp_path):
     run = load_run(tmp_path / "u")
     with pytest.raises(DifflabError, match="cfg:3 needs a conditional model"):
         generate(run, Setting("ddim", 2, "cfg:3"), 4, 0, 4, False)
-    assert generate(run, Setting("ddim", 2), 4, 0, 4, False).shape == (4, 1, 8, 8)
+    x = generate(run, Setting("ddim", 4), 4, 0, 4, False)
+    assert x.shape == (4, 1, 8, 8)
+    # a grid in the setting reaches the sampler: the same samples as asking for it directly
+    from difflab.training.sampling import generate as direct
+
+    on_log_snr = generate(run, Setting("ddim", 4, None, "log_snr"), 4, 0, 4, False)
+    want = direct(run.denoiser, run.shape, 4, sampler="ddim", steps=4, grid="log_snr", seed=0,
+                  batch_size=4, clip_x0=run.config.sample.clip_x0).float().clamp(-1, 1)
+    assert torch.equal(on_log_snr, want) and not torch.equal(on_log_snr, x)
 
 
 def test_impossible_requests_fail_before_sampling():
