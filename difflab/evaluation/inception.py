@@ -6,8 +6,8 @@ downloads it: the weights file must already be on disk, at
 
 - the path given explicitly (``--inception-weights`` / ``inception_weights=``), or
 - ``$DIFFLAB_INCEPTION_WEIGHTS``, or
-- ``<cache>/weights/pt_inception-2015-12-05-6726825d.pth`` (``<cache>`` = ``$DIFFLAB_CACHE`` or
-  ``~/.cache/difflab``).
+- ``<cache>/weights/weights-inception-2015-12-05-6726825d.pth`` (``<cache>`` =
+  ``$DIFFLAB_CACHE`` or ``~/.cache/difflab``).
 
 It needs ``pip install torchmetrics torch-fidelity``. Images in ``[-1, 1]`` of any size are
 quantised to ``uint8`` (as when saved as PNG), grayscale is repeated to RGB, and the network
@@ -23,9 +23,12 @@ import torch
 
 from difflab.errors import DifflabError
 
-WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_SOURCE = ("the torch-fidelity release asset of that name (github.com/toshas/"
-                  "torch-fidelity/releases, v0.2.0)")
+WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
+# torch-fidelity's port of the TF graph (its own state-dict layout; pytorch-fid's similarly
+# named pt_inception-... file has another layout and does not load here)
+WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+               "weights-inception-2015-12-05-6726825d.pth")
+WEIGHTS_SOURCE = f"download it from {WEIGHTS_URL}"
 
 
 class MissingWeightsError(DifflabError, FileNotFoundError):
