@@ -152,7 +152,8 @@ def generate(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
 
     cond, null, guide = guided_inputs(run.loaded, n, setting.spec)
     x = _generate(run.denoiser, run.shape, n, sampler=setting.sampler, steps=setting.steps,
-                  grid=setting.grid or "auto", seed=seed, batch_size=batch_size, cond=cond, null_cond=null, guide=guide,
+                  grid=setting.grid or "auto", seed=seed, batch_size=batch_size, cond=cond,
+                  null_cond=null, guide=guide,
                   clip_x0=run.config.sample.clip_x0 if clip_x0 is None else clip_x0,
                   progress=f"sampling {setting.slug}" if progress else None)
     return x.float().clamp(-1, 1)
@@ -295,7 +296,7 @@ def _evaluate_setting(run: EvalRun, setting: Setting, ref: RealReference, metric
     scores = {k: v.to_dict() for k, v in ref.evaluate(
         x, metrics, args.progress, kid_subsets=args.kid_subsets).items()}
     nfe = setting.steps * get_sampler(setting.sampler).evals_per_step
-    return {"sampler": setting.label, "grid": setting.grid or "auto", "steps": setting.steps,
+    return {"sampler": setting.label, "time_grid": setting.grid or "auto", "steps": setting.steps,
             "nfe": nfe,
             "guidance": setting.guidance, "scale": setting.scale, "n": int(x.shape[0]),
             "scores": scores, "samples": str(file.relative_to(out_dir)),
