@@ -139,47 +139,78 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None) -> EvalR
                    run)
 
 
+class _CountCalls:
+    """Counts the forward calls of a module (one per network evaluation: classifier-free
+    guidance evaluates both branches in one batched call)."""
+
+    def __init__(self, module: torch.nn.Module | None) -> None:
+        self.calls = 0
+        self.handle = (module.register_forward_pre_hook(self._hook)
+                       if isinstance(module, torch.nn.Module) else None)
+
+    def _hook(self, *_) -> None:
+        self.calls += 1
+
+    def __enter__(self) -> _CountCalls:
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
 @torch.no_grad()
 def generate(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
-             progress: bool, clip_x0: bool | None = None) -> torch.Tensor:
+             progress: bool, clip_x0: bool | None = None,
+             counts: dict | None = None) -> torch.Tensor:
     """``n`` samples of one setting; sample ``i`` has its own noise stream (batch-invariant).
     Class-conditional runs cycle through the classes, text runs through the configured
     prompts; guidance as in ``difflab sample`` (:func:`difflab.training.guided.guided_inputs`).
     ``clip_x0`` (None: the run's ``sample.clip_x0``) clips every clean-data estimate to [-1, 1],
-    as the run's own sampling does (DDPM / iDDPM's ``clip_denoised``)."""
+    as the run's own sampling does (DDPM / iDDPM's ``clip_denoised``). ``counts["nfe"]``, when
+    given, receives the network evaluations per sample, counted (not computed from the step
+    count: warm-up steps, a final denoising step and adaptive step sizes all show)."""
     from difflab.training.guided import guided_inputs
     from difflab.training.sampling import generate as _generate
 
     cond, null, guide = guided_inputs(run.loaded, n, setting.spec)
-    x = _generate(run.denoiser, run.shape, n, sampler=setting.sampler, steps=setting.steps,
-                  grid=setting.grid or "auto", seed=seed, batch_size=batch_size, cond=cond,
-                  null_cond=null, guide=guide,
-                  clip_x0=run.config.sample.clip_x0 if clip_x0 is None else clip_x0,
-                  progress=f"sampling {setting.slug}" if progress else None)
+    with _CountCalls(getattr(run.denoiser, "net", None)) as counter:
+        x = _generate(run.denoiser, run.shape, n, sampler=setting.sampler, steps=setting.steps,
+                      grid=setting.grid or "auto", seed=seed, batch_size=batch_size, cond=cond,
+                      null_cond=null, guide=guide,
+                      clip_x0=run.config.sample.clip_x0 if clip_x0 is None else clip_x0,
+                      progress=f"sampling {setting.slug}" if progress else None)
+    if counts is not None and counter.handle is not None:
+        batches = -(-n // batch_size)
+        per_sample = counter.calls / batches
+        counts["nfe"] = int(per_sample) if per_sample.is_integer() else round(per_sample, 2)
     return x.float().clamp(-1, 1)
 
 
 def cached_samples(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
                    out_dir: Path, progress: bool, clip_x0: bool | None = None
-                   ) -> tuple[torch.Tensor, Path, float]:
+                   ) -> tuple[torch.Tensor, Path, float, float | None]:
     """Samples of a setting from ``out_dir/samples`` when generated before with the same
     checkpoint, n, seed and clipping; else generated and saved. Returns
-    ``(samples, file, seconds)``."""
+    ``(samples, file, seconds, nfe)`` (``nfe``: counted network evaluations per sample)."""
     file = out_dir / "samples" / f"{setting.slug}.npy"
     meta_file = file.with_suffix(".json")
     clip = run.config.sample.clip_x0 if clip_x0 is None else clip_x0
     meta = {"step": run.step, "n": n, "seed": seed, "setting": setting.slug, "clip_x0": clip}
-    if file.is_file() and meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
-        return torch.from_numpy(np.load(file)), file, 0.0
+    if file.is_file() and meta_file.is_file():
+        saved = json.loads(meta_file.read_text())
+        if {k: saved.get(k) for k in meta} == meta:
+            return torch.from_numpy(np.load(file)), file, 0.0, saved.get("nfe")
     start = time.perf_counter()
-    x = generate(run, setting, n, seed, batch_size, progress, clip)
+    counts: dict = {}
+    x = generate(run, setting, n, seed, batch_size, progress, clip, counts)
     seconds = time.perf_counter() - start
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{file.stem}.tmp-{os.getpid()}.npy")
     np.save(tmp, x.numpy())
     os.replace(tmp, file)
-    meta_file.write_text(json.dumps(meta))
-    return x, file, seconds
+    meta_file.write_text(json.dumps({**meta, "nfe": counts.get("nfe")}))
+    return x, file, seconds, counts.get("nfe")
 
 
 def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = None) -> dict:
@@ -289,13 +320,14 @@ def _evaluate_setting(run: EvalRun, setting: Setting, ref: RealReference, metric
     from difflab.data import save_image_grid
     from difflab.samplers import get_sampler
 
-    x, file, seconds = cached_samples(run, setting, args.n, args.seed, args.batch_size, out_dir,
-                                      args.progress, args.clip_x0)
+    x, file, seconds, nfe = cached_samples(run, setting, args.n, args.seed, args.batch_size,
+                                           out_dir, args.progress, args.clip_x0)
     grid = out_dir / "grids" / f"{setting.slug}.png"
     save_image_grid(x[:64], grid, nrow=8)
     scores = {k: v.to_dict() for k, v in ref.evaluate(
         x, metrics, args.progress, kid_subsets=args.kid_subsets).items()}
-    nfe = setting.steps * get_sampler(setting.sampler).evals_per_step
+    if nfe is None:  # samples cached before NFE were counted
+        nfe = setting.steps * get_sampler(setting.sampler).evals_per_step
     return {"sampler": setting.label, "time_grid": setting.grid or "auto", "steps": setting.steps,
             "nfe": nfe,
             "guidance": setting.guidance, "scale": setting.scale, "n": int(x.shape[0]),

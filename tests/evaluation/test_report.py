@@ -131,6 +131,14 @@ def test_guidance_on_an_unconditional_run_is_a_clear_error(tmp_path):
     want = direct(run.denoiser, run.shape, 4, sampler="ddim", steps=4, grid="log_snr", seed=0,
                   batch_size=4, clip_x0=run.config.sample.clip_x0).float().clamp(-1, 1)
     assert torch.equal(on_log_snr, want) and not torch.equal(on_log_snr, x)
+    # NFE are counted network calls per sample, not steps: F-PNDM's three Runge-Kutta warm-up
+    # steps take 4 evaluations each and PLMS's first step 2 (then 1 per step, the last step to
+    # t = 0 included); batches of 2 out of 4 samples count per sample
+    for sampler, steps, nfe in (("ddim", 4, 4), ("plms", 4, 5), ("pndm", 5, 14),
+                                ("heun", 3, 5)):
+        counts: dict = {}
+        generate(run, Setting(sampler, steps), 4, 0, 2, False, counts=counts)
+        assert counts["nfe"] == nfe, sampler
 
 
 def test_impossible_requests_fail_before_sampling():
