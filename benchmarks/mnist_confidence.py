@@ -15,6 +15,10 @@ figure of merit (1.0 = as recognisable as real digits).
 
     .venv/bin/python benchmarks/mnist_confidence.py --run RUN \
         [--samplers ddim:50,dpmpp_2m:20,ddpm:1000] [--n 500] [--out benchmarks/results/ddpm_mnist]
+    .venv/bin/python benchmarks/mnist_confidence.py --run RUN --eval-dir RUN/eval
+
+The second form scores the samples ``difflab eval`` saved (``RUN/eval/samples/*.npy``) instead
+of drawing new ones.
 
 Writes ``confidence.json``, ``confidence.md`` and one 10x10 sample grid per sampler.
 """
@@ -26,6 +30,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,6 +64,7 @@ def main() -> None:
     p.add_argument("--samplers", default="ddim:50,dpmpp_2m:20",
                    help="comma-separated NAME:STEPS")
     p.add_argument("--n", type=int, default=500)
+    p.add_argument("--eval-dir", help="score the samples difflab eval saved in DIR/samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ddpm_mnist"))
     p.add_argument("--threads", type=int, default=2)
@@ -86,26 +92,37 @@ def main() -> None:
           flush=True)
     save_image_grid(xr[:100], out / "real.png", nrow=10)
     clip = bool(run.config.sample.clip_x0)
-    for spec in args.samplers.split(","):
-        name, steps = spec.split(":")
-        start = time.perf_counter()
-        x = generate(run.denoiser, run.sample_shape, args.n, sampler=name, steps=int(steps),
-                     seed=args.seed, batch_size=250, clip_x0=clip,
-                     options=dict(run.config.sample.options) if name == "ddpm" else None,
-                     progress=f"{name} {steps}")
-        row = {"sampler": name, "steps": int(steps), **confident(ext, x),
-               "seconds": time.perf_counter() - start}
+
+    def score(name: str, steps: str, x: torch.Tensor, seconds: float) -> None:
+        row = {"sampler": name, "steps": steps, "n": int(x.shape[0]), **confident(ext, x),
+               "seconds": seconds}
         row["ratio"] = row["confident"] / max(results["real"]["confident"], 1e-9)
         results["samplers"].append(row)
         save_image_grid(x[:100].clamp(-1, 1), out / f"{name}_{steps}.png", nrow=10)
-        print(f"{name} {steps}: confident {row['confident']:.3f} ({row['ratio']:.2f} x real) "
-              f"classes {row['classes']}  ({row['seconds']:.0f} s)", flush=True)
+        print(f"{name} {steps}: confident {row['confident']:.3f} ({row['ratio']:.2f} x real, "
+              f"n={row['n']}) classes {row['classes']}  ({seconds:.0f} s)", flush=True)
+
+    if args.eval_dir:
+        for file in sorted(Path(args.eval_dir, "samples").glob("*.npy")):
+            name, _, steps = file.stem.partition("-")
+            score(name, steps, torch.from_numpy(np.load(file)), 0.0)
+    else:
+        for spec in args.samplers.split(","):
+            name, steps = spec.split(":")
+            start = time.perf_counter()
+            x = generate(run.denoiser, run.sample_shape, args.n, sampler=name, steps=int(steps),
+                         seed=args.seed, batch_size=250, clip_x0=clip,
+                         options=(dict(run.config.sample.options)
+                                  if name == run.config.sample.sampler else None),
+                         progress=f"{name} {steps}")
+            score(name, steps, x, time.perf_counter() - start)
     (out / "confidence.json").write_text(json.dumps(results, indent=2))
-    lines = [f"Run {args.run} (step {run.step}), {args.n} samples per sampler; judge mnist-lenet "
+    lines = [f"Run {args.run} (step {run.step}); judge mnist-lenet "
              f"(held-out accuracy {results['extractor_accuracy']}), threshold p > {CONFIDENCE}.",
              "", "| images | confident fraction | ratio to real |", "| --- | --- | --- |",
              f"| held-out real (n={len(xr)}) | {results['real']['confident']:.3f} | 1.00 |"]
-    lines += [f"| {r['sampler']} {r['steps']} steps | {r['confident']:.3f} | {r['ratio']:.2f} |"
+    lines += [f"| {r['sampler']} {r['steps']} (n={r['n']}) | {r['confident']:.3f} | "
+              f"{r['ratio']:.2f} |"
               for r in results["samplers"]]
     (out / "confidence.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")

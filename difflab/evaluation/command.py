@@ -167,17 +167,24 @@ def generate(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
     Class-conditional runs cycle through the classes, text runs through the configured
     prompts; guidance as in ``difflab sample`` (:func:`difflab.training.guided.guided_inputs`).
     ``clip_x0`` (None: the run's ``sample.clip_x0``) clips every clean-data estimate to [-1, 1],
-    as the run's own sampling does (DDPM / iDDPM's ``clip_denoised``). ``counts["nfe"]``, when
+    as the run's own sampling does (DDPM / iDDPM's ``clip_denoised``); the run's own sampler
+    also keeps its ``sample.options`` and grid. ``counts["nfe"]``, when
     given, receives the network evaluations per sample, counted (not computed from the step
     count: warm-up steps, a final denoising step and adaptive step sizes all show)."""
     from difflab.training.guided import guided_inputs
     from difflab.training.sampling import generate as _generate
 
     cond, null, guide = guided_inputs(run.loaded, n, setting.spec)
+    # the run's own sampler keeps its configured options (e.g. iDDPM's variance="learned") and
+    # grid, as in `difflab sample`
+    s = run.config.sample
+    options = dict(s.options) if setting.sampler == s.sampler else {}
+    grid = setting.grid or s.grid
+    grid_options = dict(s.grid_options) if grid == s.grid else {}
     with _CountCalls(getattr(run.denoiser, "net", None)) as counter:
         x = _generate(run.denoiser, run.shape, n, sampler=setting.sampler, steps=setting.steps,
-                      grid=setting.grid or "auto", seed=seed, batch_size=batch_size, cond=cond,
-                      null_cond=null, guide=guide,
+                      grid=grid, grid_options=grid_options, options=options, seed=seed,
+                      batch_size=batch_size, cond=cond, null_cond=null, guide=guide,
                       clip_x0=run.config.sample.clip_x0 if clip_x0 is None else clip_x0,
                       progress=f"sampling {setting.slug}" if progress else None)
     if counts is not None and counter.handle is not None:

@@ -117,7 +117,8 @@ def test_guidance_on_an_unconditional_run_is_a_clear_error(tmp_path):
     from difflab.training import train
 
     cfg = load_config("configs/ddpm_digits.toml", [
-        "train.steps=1", "train.sample_every=0", "train.tensorboard=false"])
+        "train.steps=1", "train.sample_every=0", "train.tensorboard=false",
+        'sample.sampler="ddpm"', 'sample.options={variance="large"}'])
     train(cfg, tmp_path / "u", progress=False)
     run = load_run(tmp_path / "u")
     with pytest.raises(DifflabError, match="cfg:3 needs a conditional model"):
@@ -131,6 +132,12 @@ def test_guidance_on_an_unconditional_run_is_a_clear_error(tmp_path):
     want = direct(run.denoiser, run.shape, 4, sampler="ddim", steps=4, grid="log_snr", seed=0,
                   batch_size=4, clip_x0=run.config.sample.clip_x0).float().clamp(-1, 1)
     assert torch.equal(on_log_snr, want) and not torch.equal(on_log_snr, x)
+    # the run's own sampler keeps its configured options: ddpm with variance="large"
+    ddpm = generate(run, Setting("ddpm", 3), 4, 0, 4, False)
+    for variance, same in (("large", True), ("small", False)):
+        want = direct(run.denoiser, run.shape, 4, sampler="ddpm", steps=3, seed=0, batch_size=4,
+                      options={"variance": variance}, clip_x0=run.config.sample.clip_x0)
+        assert torch.equal(ddpm, want.float().clamp(-1, 1)) == same
     # NFE are counted network calls per sample, not steps: F-PNDM's three Runge-Kutta warm-up
     # steps take 4 evaluations each and PLMS's first step 2 (then 1 per step, the last step to
     # t = 0 included); batches of 2 out of 4 samples count per sample
