@@ -10,8 +10,8 @@ figure of merit (1.0 = as recognisable as real digits).
 - The classifier is the ``mnist-lenet`` extractor (difflab trains it on 80% of the same MNIST
   images, seed 0). Its 20% hold-out contains the run's 10% hold-out (same seed, nested
   stratified split), so neither network has seen the real digits scored here.
-- Runs at another resolution are resized bilinearly to 28x28 for the classifier, and the real
-  digits go through the same down-and-up resize.
+- Runs at another resolution are resized (bilinear, antialiased) to 28x28 for the classifier,
+  and the real digits go through the same down-and-up resize.
 
     .venv/bin/python benchmarks/mnist_confidence.py --run RUN \
         [--samplers ddim:50,dpmpp_2m:20,ddpm:1000] [--n 500] [--out benchmarks/results/ddpm_mnist]
@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from difflab.data import build_dataset, save_image_grid
 from difflab.demo import CONFIDENCE
@@ -42,16 +41,9 @@ from difflab.training import generate, load_run
 REPO = Path(__file__).resolve().parents[1]
 
 
-def to_judge(x: torch.Tensor, size: int = 28) -> torch.Tensor:
-    x = x.float().clamp(-1, 1)
-    if x.shape[-1] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-
-
 def confident(ext, x: torch.Tensor) -> dict:
     """Share of images with max class probability > CONFIDENCE, and the classes given."""
-    p = torch.softmax(ext.logits(to_judge(x)), dim=1)
+    p = torch.softmax(ext.logits(x.float().clamp(-1, 1)), dim=1)
     conf, cls = p.max(1)
     sure = conf > CONFIDENCE
     return {"confident": float(sure.double().mean()),
@@ -83,6 +75,7 @@ def main() -> None:
                          **{**opts, "held_out": True})
     full = build_dataset("mnist", root=data.root, split="all")
     ext = get_extractor("mnist-lenet", full, train=True, progress=True)
+    ext.resize_inputs = True  # a 16x16 run: samples and real digits alike, up to 28x28
     xr = torch.stack([held[i][0] for i in range(len(held))])
     results: dict = {"run": args.run, "step": run.step, "image_size": run.sample_shape[-1],
                      "n": args.n, "threshold": CONFIDENCE, "extractor_accuracy":
