@@ -19,6 +19,27 @@ def build_dataset(cfg: Config, split: str | None = None):
                   **d.options())
 
 
+def build_held_out(cfg: Config):
+    """The images of ``[data]`` the run never trained on, or None when there are none: the
+    MNIST-family hold-out (``holdout_fraction`` > 0, ``held_out=True``), else for a
+    ``split = "train"`` run its ``"test"`` split (a folder's or the digits' hold-out, CIFAR's or
+    MNIST's official test files) when it exists."""
+    from difflab.config import dataset_options
+    from difflab.data import build_dataset as _build
+
+    d = cfg.data
+    opts = d.options()
+    if "held_out" in dataset_options(d.name) and opts.get("holdout_fraction"):
+        return _build(d.name, root=d.root, image_size=d.image_size, split=d.split,
+                      **{**opts, "held_out": True})
+    if d.split != "train":
+        return None
+    try:
+        return _build(d.name, root=d.root, image_size=d.image_size, split="test", **opts)
+    except (ValueError, FileNotFoundError):  # no hold-out configured, or no test files
+        return None
+
+
 def build_path(cfg: Config):
     """The :class:`~difflab.paths.GaussianPath` of ``[path]``."""
     return _path_constructors()[cfg.path.kind](**cfg.path.params())

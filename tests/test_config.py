@@ -12,6 +12,7 @@ import torch
 from difflab.builders import (
     build_dataset,
     build_denoiser,
+    build_held_out,
     build_model,
     build_objective,
     build_path,
@@ -237,6 +238,24 @@ def test_build_denoiser_objective_and_dataset():
     x0 = torch.zeros(3, 1, 8, 8)
     loss = build_objective(cfg)(den, x0, generator=torch.Generator().manual_seed(0))
     assert loss.shape == (3,)
+
+
+def test_held_out_data_is_what_the_run_never_trained_on():
+    mnist = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
+    cfg = load_config("configs/ddpm_mnist.toml", [f"data.root={mnist!r}", "data.image_size=8"])
+    train, held = build_dataset(cfg), build_held_out(cfg)
+    assert len(train) == 9000 and len(held) == 1000  # the 10% per-class hold-out
+    rows = {x.numpy().tobytes() for x in train.images}
+    assert not any(x.numpy().tobytes() in rows for x in held.images)
+    # the digits' own test split for a split="train" run; nothing when nothing is held out
+    digits = load_config(None, ["data.holdout_fraction=0.25"])
+    assert len(build_held_out(digits)) == len(build_dataset(digits, split="test")) > 400
+    assert build_held_out(load_config(None, ["data.holdout_fraction=0.0"])) is None
+    assert build_held_out(load_config(None, ["data.split='all'"])) is None
+    # an MNIST run without a hold-out looks for the official test files (present here)
+    plain = load_config("configs/ddpm_mnist.toml", [
+        f"data.root={mnist!r}", "data.split='train'", "data.holdout_fraction=0.0"])
+    assert len(build_held_out(plain)) == 10000
 
 
 def test_defaults_are_valid():

@@ -297,7 +297,13 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         floor = ref.floor(args.n, feature_metrics, kid_subsets=args.kid_subsets)
         report["floor"] = {k: v.to_dict() for k, v in floor.items()}
     if "nll" in metrics:
-        report["likelihood"] = likelihood(run, real, args.nll_n, args.nll_steps)
+        from difflab.builders import build_held_out
+
+        held = build_held_out(run.config)
+        nll_data = real if held is None else dataset_tensors(held)[0]
+        report["likelihood"] = likelihood(run, nll_data, args.nll_n, args.nll_steps)
+        report["likelihood"]["data"] = ("training images (the run holds none out)"
+                                        if held is None else "held-out images")
     (out_dir / "grids").mkdir(parents=True, exist_ok=True)
     for (sampler, steps, grid) in samplers:
         for guidance in guidances:

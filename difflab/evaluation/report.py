@@ -108,7 +108,8 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     if lik:
         lines += ["## Likelihood", "", f"- {lik.get('name', 'NLL')}: "
                   + (f"{_value(lik):.4g} ± {lik.get('stderr') or 0:.2g} bits/dim on "
-                     f"{lik.get('n_real')} real images" if _value(lik) is not None
+                     f"{lik.get('n_real')} {lik.get('data', 'real images')}"
+                     if _value(lik) is not None
                      else f"n/a ({lik.get('note', 'unavailable')})"), ""]
     notes = report.get("notes") or []
     if notes:

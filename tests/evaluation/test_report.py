@@ -186,6 +186,19 @@ def test_eval_and_compare_commands_end_to_end(tmp_path, monkeypatch, digits_mlp,
         assert x.shape == (100, 1, 8, 8) and np.abs(x).max() <= 1
         assert (run / "eval" / s["grid"]).read_bytes()[:8] == PNG_MAGIC
     assert rep["floor"]["fid"]["n_fake"] == 100 and rep["likelihood"]["value"] > 0
+    # the likelihood is of digits the run never trained on (the digits' 20% hold-out)
+    from difflab.builders import build_dataset, build_held_out
+    from difflab.evaluation.command import likelihood, load_run
+    from difflab.evaluation.features import dataset_tensors
+
+    assert rep["likelihood"]["data"] == "held-out images"
+    loaded = load_run(run)
+    held = dataset_tensors(build_held_out(loaded.config))[0]
+    train_x = dataset_tensors(build_dataset(loaded.config))[0]
+    on_held = likelihood(loaded, held, 4, 5)["value"]
+    on_train = likelihood(loaded, train_x, 4, 5)["value"]
+    assert rep["likelihood"]["value"] == pytest.approx(on_held, rel=1e-12)
+    assert on_train != pytest.approx(on_held, rel=1e-12)
     assert rep["extractor"]["key"] == digits_mlp.meta["key"]  # the cached one, not retrained
     md = (run / "eval" / "report.md").read_text()
     assert "(floor " in md and "[n=100 vs " in md
