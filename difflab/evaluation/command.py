@@ -159,6 +159,17 @@ class _CountCalls:
             self.handle.remove()
 
 
+def sampling_options(run: EvalRun, setting: Setting) -> tuple[dict, str, dict]:
+    """``(options, grid, grid_options)`` of a setting: the run's own sampler keeps its
+    configured options (e.g. iDDPM's ``variance="learned"``) and grid, as in `difflab sample`;
+    another sampler runs with its defaults."""
+    s = run.config.sample
+    options = dict(s.options) if setting.sampler == s.sampler else {}
+    grid = setting.grid or s.grid
+    grid_options = dict(s.grid_options) if grid == s.grid else {}
+    return options, grid, grid_options
+
+
 @torch.no_grad()
 def generate(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
              progress: bool, clip_x0: bool | None = None,
@@ -175,12 +186,7 @@ def generate(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
     from difflab.training.sampling import generate as _generate
 
     cond, null, guide = guided_inputs(run.loaded, n, setting.spec)
-    # the run's own sampler keeps its configured options (e.g. iDDPM's variance="learned") and
-    # grid, as in `difflab sample`
-    s = run.config.sample
-    options = dict(s.options) if setting.sampler == s.sampler else {}
-    grid = setting.grid or s.grid
-    grid_options = dict(s.grid_options) if grid == s.grid else {}
+    options, grid, grid_options = sampling_options(run, setting)
     with _CountCalls(getattr(run.denoiser, "net", None)) as counter:
         x = _generate(run.denoiser, run.shape, n, sampler=setting.sampler, steps=setting.steps,
                       grid=grid, grid_options=grid_options, options=options, seed=seed,
@@ -198,12 +204,14 @@ def cached_samples(run: EvalRun, setting: Setting, n: int, seed: int, batch_size
                    out_dir: Path, progress: bool, clip_x0: bool | None = None
                    ) -> tuple[torch.Tensor, Path, float, float | None]:
     """Samples of a setting from ``out_dir/samples`` when generated before with the same
-    checkpoint, n, seed and clipping; else generated and saved. Returns
+    checkpoint, n, seed, clipping, sampler options and grid; else generated and saved. Returns
     ``(samples, file, seconds, nfe)`` (``nfe``: counted network evaluations per sample)."""
     file = out_dir / "samples" / f"{setting.slug}.npy"
     meta_file = file.with_suffix(".json")
     clip = run.config.sample.clip_x0 if clip_x0 is None else clip_x0
-    meta = {"step": run.step, "n": n, "seed": seed, "setting": setting.slug, "clip_x0": clip}
+    options, grid, grid_options = sampling_options(run, setting)
+    meta = {"step": run.step, "n": n, "seed": seed, "setting": setting.slug, "clip_x0": clip,
+            "options": options, "grid": grid, "grid_options": grid_options}
     if file.is_file() and meta_file.is_file():
         saved = json.loads(meta_file.read_text())
         if {k: saved.get(k) for k in meta} == meta:
