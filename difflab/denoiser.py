@@ -78,6 +78,13 @@ class EDMPrecond:
         return c_skip, c_out, c_in, c_noise
 
 
+def _time_dtype(x_t: torch.Tensor) -> torch.dtype:
+    """The network's time input dtype: at least float32. In bfloat16 a DDPM step index above
+    256 would round to a multiple of 2 to 8 (999 -> 1000), so half-precision runs keep the time
+    signal in float32 and the network's time embedding casts its features to its weights."""
+    return torch.promote_types(x_t.dtype, torch.float32)
+
+
 class Denoiser(DenoiserBase):
     """A network seen as a denoiser.
 
@@ -118,11 +125,12 @@ class Denoiser(DenoiserBase):
             sv = self.path.sigma_ve(t)
             c_skip, c_out, c_in, c_noise = self.precond.coefficients(sv)
             x_scaled = x_t / alpha
-            out = self.net(expand_like(c_in, x_t) * x_scaled, c_noise.to(x_t.dtype), self.cond)
+            out = self.net(expand_like(c_in, x_t) * x_scaled, c_noise.to(_time_dtype(x_t)),
+                           self.cond)
             out, var_frac = self._split(out, x_t, t)
             x0 = expand_like(c_skip, x_t) * x_scaled + expand_like(c_out, x_t) * out
             return Prediction.from_x0(x0, x_t, t, self.path, var_frac)
-        out = self.net(x_t, self.time_input(t).to(x_t.dtype), self.cond)
+        out = self.net(x_t, self.time_input(t).to(_time_dtype(x_t)), self.cond)
         out, var_frac = self._split(out, x_t, t)
         return Prediction.from_output(self.prediction, out, x_t, t, self.path, var_frac)
 

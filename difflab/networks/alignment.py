@@ -33,7 +33,6 @@ from difflab.networks.layers import (
     check_image_and_time,
     preset_config,
     silu_,
-    timestep_embedding,
 )
 
 __all__ = ["AlignmentConfig", "AlignmentModel", "LOGIT_SCALE_INIT", "LOGIT_SCALE_MAX"]
@@ -170,7 +169,7 @@ class AlignmentModel(nn.Module):
     def _tower(self, x: Tensor, t: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Run the image tower: the final map and the per-level feature maps."""
         t = self._check_inputs(x, t)
-        emb = F.silu(self._time_embedding(t))  # (B, 4 ch), the SiLU opening every ResBlock
+        emb = F.silu(self.time_embed(t))  # (B, 4 ch), the SiLU opening every ResBlock
         h = self.conv_in(x)  # (B, ch, H, W)
         feats = []
         for level, blocks in enumerate(self.levels):
@@ -179,12 +178,6 @@ class AlignmentModel(nn.Module):
             if level < len(self.downs):
                 h = self.downs[level](h, emb)  # (B, ch_level, H / 2^(level+1), ...)
         return h, feats
-
-    def _time_embedding(self, t: Tensor) -> Tensor:
-        """``TimeEmbedding`` in the parameters' dtype (the sinusoids are float32 otherwise)."""
-        te = self.time_embed
-        freqs = timestep_embedding(t, te.freq_dim).to(te.linear_1.weight.dtype)  # (B, ch)
-        return te.linear_2(F.silu(te.linear_1(freqs)))  # (B, 4 ch)
 
     def image_features(self, x_t: Tensor, t: Tensor) -> list[Tensor]:
         """Intermediate feature maps ``[(B, C_l, H_l, W_l)]``, one per level, shallowest first.

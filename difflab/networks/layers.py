@@ -74,8 +74,10 @@ class TimeEmbedding(nn.Module):
         self.linear_2 = nn.Linear(emb_dim, emb_dim)
 
     def forward(self, t: Tensor) -> Tensor:
-        """Map ``t`` of shape ``(B,)`` to an embedding ``(B, emb_dim)``."""
-        return self.linear_2(F.silu(self.linear_1(timestep_embedding(t, self.freq_dim))))
+        """Map ``t`` of shape ``(B,)`` to an embedding ``(B, emb_dim)`` in the weights' dtype
+        (the sinusoids are computed in float32, then cast)."""
+        freqs = timestep_embedding(t, self.freq_dim).to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(freqs)))
 
 
 def group_norm(channels: int, groups: int = 32, eps: float = 1e-5) -> nn.GroupNorm:

@@ -352,7 +352,8 @@ class UNet(nn.Module):
                     f"got {tuple(mask.shape)}"
                 )
             mask = mask.bool()
-        return context, mask
+        # float32 text-encoder tokens meet a half-precision model: use the model's dtype
+        return context.to(self.conv_in.weight.dtype), mask
 
 
 def _add_control(

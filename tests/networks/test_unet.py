@@ -310,6 +310,29 @@ def test_bf16_autocast_runs_and_is_close():
     assert err < 0.05
 
 
+def test_a_bfloat16_model_runs_behind_a_denoiser_with_float32_time():
+    """A model cast to bfloat16 (no autocast) takes float32 text tokens and keeps the time
+    signal in float32: in bfloat16 the DDPM step 997 would become 996 (8-bit mantissa)."""
+    from difflab.denoiser import Denoiser
+    from difflab.paths import VP
+
+    model = randomize(UNet(tiny(num_classes=2, context_dim=8)), seed=5)
+    half = randomize(UNet(tiny(num_classes=2, context_dim=8)), seed=5).to(torch.bfloat16)
+    x, _ = inputs(model.config)
+    cond = ctx_cond(labels=torch.tensor([0, 1]))
+    path = VP.discrete_linear()
+    t = torch.tensor([998.0, 500.0], dtype=torch.float64) / 1000  # step 997
+    seen = []
+    half.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    ref = Denoiser(model, path, prediction="eps", cond=cond).predict(x, t).eps
+    out = Denoiser(half, path, prediction="eps", cond=cond).predict(x.bfloat16(), t).eps
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert seen[0].dtype == torch.float32
+    assert torch.equal(seen[0], path.time_input(t).float())
+    assert float(seen[0][0]) != float(path.time_input(t)[0].bfloat16())  # would have rounded
+    assert (out.float() - ref).norm() / ref.norm() < 0.05
+
+
 # --- input validation ---------------------------------------------------------------------
 
 
