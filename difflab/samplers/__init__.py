@@ -6,6 +6,7 @@ one with ``sample(name, den, x_init, grid, **options)``.
 
 from difflab.samplers import (
     analytic,
+    dpm_adaptive,
     dpm_solver,
     edm,
     langevin,
@@ -35,6 +36,7 @@ __all__ = [
     "estimate_gamma",
     "langevin",
     "sde",
+    "dpm_adaptive",
     "dpm_solver",
     "edm",
     "pndm",
