@@ -148,16 +148,10 @@ def content_energy(model: NoisyModel, ref_x0: torch.Tensor, *, noise: torch.Tens
         noise: the reference's noise ``eps'`` (shape of ``ref_x0``).
         generator: where ``eps'`` is drawn from when ``noise`` is None.
     """
-    _check_model(model)
-    reference = _NoisedReference(ref_x0, noise, generator)
+    def cosine(emb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return -(emb * target).sum(dim=-1)  # (B,): both unit vectors (B, E)
 
-    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = _time(t, x_t)
-        with torch.no_grad():
-            target = model(reference.at(model.path, x_t, t), t)  # (B, E), unit
-        return -(model(x_t, t) * target).sum(dim=-1)  # (B,)
-
-    return fn
+    return _reference_energy(model, ref_x0, noise, generator, model, cosine)
 
 
 def style_energy(model: NoisyModel, ref_x0: torch.Tensor, *, noise: torch.Tensor | None = None,
@@ -176,20 +170,26 @@ def style_energy(model: NoisyModel, ref_x0: torch.Tensor, *, noise: torch.Tensor
         noise: the reference's noise ``eps'`` (shape of ``ref_x0``).
         generator: where ``eps'`` is drawn from when ``noise`` is None.
     """
+    def grams(x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+        return [gram(f) for f in model.net.image_features(x, model.time_input(t).float())]
+
+    def distance(g: list[torch.Tensor], g_ref: list[torch.Tensor]) -> torch.Tensor:
+        return sum((a - b).pow(2).mean(dim=(1, 2)) for a, b in zip(g, g_ref))  # (B,)
+
+    return _reference_energy(model, ref_x0, noise, generator, grams, distance)
+
+
+def _reference_energy(model: NoisyModel, ref_x0, noise, generator, embed, distance) -> Energy:
+    """``E(x_t, t) = distance(embed(x_t, t), embed(x'_t, t))`` with ``x'_t`` the reference noised
+    to ``t`` (fixed noise); the reference side is a constant of the guide (no gradient)."""
     _check_model(model)
     reference = _NoisedReference(ref_x0, noise, generator)
-
-    def features(x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
-        return model.net.image_features(x, model.time_input(t).float())
 
     def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = _time(t, x_t)
         with torch.no_grad():
-            targets = [gram(f) for f in features(reference.at(model.path, x_t, t), t)]
-        total = x_t.new_zeros(x_t.shape[0])
-        for f, g_ref in zip(features(x_t, t), targets):
-            total = total + (gram(f) - g_ref).pow(2).mean(dim=(1, 2))  # (B,)
-        return total
+            target = embed(reference.at(model.path, x_t, t), t)
+        return distance(embed(x_t, t), target)
 
     return fn
 
