@@ -349,8 +349,8 @@ def _evaluate_setting(run: EvalRun, setting: Setting, ref: RealReference, metric
         x, metrics, args.progress, kid_subsets=args.kid_subsets).items()}
     if nfe is None:  # samples cached before NFE were counted
         nfe = setting.steps * get_sampler(setting.sampler).evals_per_step
-    return {"sampler": setting.label, "time_grid": setting.grid or "auto", "steps": setting.steps,
-            "nfe": nfe,
+    return {"sampler": setting.label, "time_grid": sampling_options(run, setting)[1],
+            "steps": setting.steps, "nfe": nfe,
             "guidance": setting.guidance, "scale": setting.scale, "n": int(x.shape[0]),
             "scores": scores, "samples": str(file.relative_to(out_dir)),
             "grid": str(grid.relative_to(out_dir)), "seconds": seconds}

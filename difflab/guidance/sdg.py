@@ -29,7 +29,7 @@ from difflab.denoiser import DenoiserBase
 from difflab.errors import DifflabError, bad_value
 from difflab.guidance.transforms import Guided, energy
 from difflab.networks.noisy import NoisyModel
-from difflab.paths.base import as_time
+from difflab.paths.base import as_time, same_marginals
 
 __all__ = ["alignment_score", "content_energy", "gram", "sdg", "style_energy", "text_energy"]
 
@@ -71,18 +71,6 @@ def _batch(ref: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
             f"(1, ...) or ({x.shape[0]}, ...) with the same image shape"
         )
     return ref.expand_as(x)
-
-
-def _same_path(a, b) -> bool:
-    """Whether two paths have the same marginals (alpha, sigma at 17 times of a's range)."""
-    if a is b:
-        return True
-    ts = torch.linspace(a.t_min, a.t_max, 17, dtype=torch.float64)
-    try:
-        return bool(torch.allclose(a.alpha(ts), b.alpha(ts)) and
-                    torch.allclose(a.sigma(ts), b.sigma(ts)))
-    except Exception:  # noqa: BLE001 - b may reject a's times: not the same path
-        return False
 
 
 def text_energy(model: NoisyModel, text_emb: torch.Tensor) -> Energy:
@@ -211,7 +199,7 @@ def sdg(den: DenoiserBase, model: NoisyModel, *, text_emb: torch.Tensor | None =
     if kind not in KINDS:
         raise bad_value("kind", kind, "one of " + ", ".join(repr(k) for k in KINDS))
     _check_model(model)
-    if not _same_path(den.path, model.path):
+    if not same_marginals(den.path, model.path):
         raise DifflabError(
             f"the denoiser's path {den.path!r} and the alignment model's path {model.path!r} "
             "differ: the guide must read x_t from the same forward process"

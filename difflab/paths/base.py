@@ -41,6 +41,20 @@ def expand_like(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return coef.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def same_marginals(a: GaussianPath, b: GaussianPath) -> bool:
+    """Whether two paths give ``x_t`` the same law at the same ``t``: equal ``alpha`` and
+    ``sigma`` at 17 times across ``a``'s range. A model trained on one path reads ``x_t`` from
+    another only when this holds (guidance networks, classifiers)."""
+    if a is b:
+        return True
+    ts = torch.linspace(a.t_min, a.t_max, 17, dtype=torch.float64)
+    try:
+        return bool(torch.allclose(a.alpha(ts), b.alpha(ts)) and
+                    torch.allclose(a.sigma(ts), b.sigma(ts)))
+    except Exception:  # noqa: BLE001 - b may reject a's times: not the same path
+        return False
+
+
 class GaussianPath(ABC):
     """A forward process with Gaussian marginals ``q(x_t | x0) = N(alpha x0, sigma^2 I)``.
 

@@ -63,6 +63,7 @@ def guided_inputs(run: LoadedRun, n: int, guidance: str | GuidanceSpec | None = 
 def _classifier_inputs(run: LoadedRun, spec: GuidanceSpec, n: int, labels, prompts,
                        diffusion: Conditioner) -> tuple[Cond, Cond | None, Guide]:
     from difflab.guidance.noisy_classifier import check_classifier_matches, classifier_log_prob
+    from difflab.paths import same_marginals
 
     if prompts is not None:
         raise DifflabError("classifier guidance takes --class, not --prompt")
@@ -76,6 +77,12 @@ def _classifier_inputs(run: LoadedRun, spec: GuidanceSpec, n: int, labels, promp
     check_classifier_matches((c.image_size, c.in_channels, c.num_classes),
                              (m.image_size, m.in_channels, m.num_classes if m.class_cond else None),
                              classifier_name=str(spec.run), diffusion_name="the diffusion run")
+    if not same_marginals(run.denoiser.path, cls_run.denoiser.path):
+        raise DifflabError(
+            f"guidance {spec}: the classifier run was trained on path {cls_run.config.path.kind!r}"
+            f" and the diffusion run samples path {run.config.path.kind!r}; the classifier reads "
+            "x_t at the diffusion model's noise levels only when the two paths match: train it "
+            "with the diffusion run's [path]")
     y = Conditioner(cls_run.config).labels(labels, n)
     if diffusion.kind == "class":
         null = Cond(labels=torch.full_like(y, diffusion.num_classes))

@@ -160,6 +160,13 @@ def test_classifier_guidance_bad_inputs(class_run, classifier_run, tmp_path, cap
                            "data.image_size=16")]) == 0
     with pytest.raises(DifflabError, match="image_size"):
         guided_inputs(load_run(big), 2, f"classifier:{classifier_run}:1", labels=[1])
+    # a classifier trained on another noise path would read x_t at the wrong noise level
+    linear = tmp_path / "linear"
+    assert cli.main(["train", str(REPO / "configs" / "ddpm_digits.toml"), "--out", str(linear),
+                     *sets("train.steps=1", "model.class_cond=true", "train.p_uncond=0.1",
+                           'path={kind="discrete_linear"}')]) == 0
+    with pytest.raises(DifflabError, match="'discrete_cosine'.*'discrete_linear'.*match"):
+        guided_inputs(load_run(linear), 2, f"classifier:{classifier_run}:1", labels=[1])
     assert cli.main(["sample", str(classifier_run), "--n", "2", "--out",
                      str(tmp_path / "c.png")]) == 2
     assert "does not generate images" in capsys.readouterr().err
