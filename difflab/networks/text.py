@@ -9,6 +9,10 @@ cross-attention never attends to padding. The default is all-MiniLM-L6-v2 (Reime
 CLIP (``openai/clip-vit-...``: its text transformer) and T5 (its encoder) names work the same way
 when their files are available locally.
 
+For textual inversion (Gal et al. 2023) :meth:`TextEncoder.encode` takes ``token_embeddings``,
+placeholder strings such as ``"<my-cat>"`` mapped to learnt input-embedding vectors, and
+``grad=True`` lets gradients reach those vectors through the still-frozen transformer.
+
 The empty prompt ``""`` is the null condition: its encoding (only the special tokens) is what
 classifier-free guidance's unconditional branch sees, as in GLIDE and Stable Diffusion.
 
@@ -19,11 +23,14 @@ text encoder.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -113,35 +120,161 @@ class TextEncoder:
         return f"{self.name}|{type(self.model).__name__}|{self.dim}|{self.max_length}"
 
     def tokenize(self, prompts: Sequence[str], pad_to: int | None = None) -> dict[str, Tensor]:
+        return self._tokenize(self.tokenizer, prompts, pad_to)
+
+    def _tokenize(self, tokenizer, prompts: Sequence[str], pad_to: int | None
+                  ) -> dict[str, Tensor]:
         prompts = _check_prompts(prompts)
-        lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
         for p, n in zip(prompts, lengths):
             if n > self.max_length:
                 warnings.warn(f"prompt of {n} tokens truncated to the text encoder's limit of "
                               f"{self.max_length}: {p[:60]!r}...", stacklevel=3)
         kw = ({"padding": "max_length", "max_length": pad_to} if pad_to
               else {"padding": "longest", "max_length": self.max_length})
-        return self.tokenizer(list(prompts), truncation=True, return_tensors="pt", **kw)
+        return tokenizer(list(prompts), truncation=True, return_tensors="pt", **kw)
 
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str], pad_to: int | None = None
-               ) -> tuple[Tensor, Tensor]:
+    # ---- input embeddings (textual inversion) --------------------------------------------
+
+    def _word_embeddings(self) -> torch.nn.Embedding:
+        """The token -> input-embedding table (before position / type embeddings)."""
+        emb = None
+        if hasattr(self.model, "get_input_embeddings"):
+            try:
+                emb = self.model.get_input_embeddings()
+            except NotImplementedError:  # pragma: no cover - a model without the accessor
+                emb = None
+        if emb is None:  # pragma: no cover - e.g. a bare CLIP text transformer
+            emb = getattr(getattr(self.model, "embeddings", None), "token_embedding", None)
+        if not isinstance(emb, torch.nn.Embedding):  # pragma: no cover
+            raise DifflabError(f"text encoder {self.name!r} ({type(self.model).__name__}) has "
+                               "no token-embedding table to override; textual inversion needs "
+                               "a transformers encoder with get_input_embeddings()")
+        return emb
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the input (word) embeddings, which ``token_embeddings`` vectors must have
+        (equal to :attr:`dim` for MiniLM, CLIP and T5, but not necessarily for every model)."""
+        return int(self._word_embeddings().embedding_dim)
+
+    def input_embedding(self, token: str) -> Tensor:
+        """The input embedding ``(embedding_dim,)`` of a word the tokenizer reads as one token
+        (a detached copy), to initialise a placeholder from a coarse descriptor such as "cat"
+        (Gal et al. 2023, Sec. 3)."""
+        if not isinstance(token, str):
+            raise bad_value("token", token, "a string")
+        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = self.tokenizer.convert_ids_to_tokens(ids)
+            raise bad_value("token", token, "a word the tokenizer reads as exactly one vocabulary "
+                            f"token (it reads this as {len(ids)}: {pieces})")
+        return self._word_embeddings().weight[ids[0]].detach().clone()
+
+    def _check_token_embeddings(self, token_embeddings: object) -> dict[str, Tensor]:
+        if not isinstance(token_embeddings, Mapping):
+            raise bad_value("token_embeddings", token_embeddings,
+                            "a mapping from placeholder strings to 1-D tensors")
+        width = self.embedding_dim
+        out: dict[str, Tensor] = {}
+        for key, vec in token_embeddings.items():
+            if not isinstance(key, str) or not key.strip() or key != key.strip():
+                raise bad_value("token_embeddings placeholder", key, "a non-empty string "
+                                "without surrounding whitespace, such as '<my-cat>'")
+            ids = self.tokenizer(key, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1:
+                existing = self.tokenizer.convert_ids_to_tokens(ids)[0]
+                raise bad_value("token_embeddings placeholder", key, "a string that is not "
+                                f"already a single vocabulary token (it reads as {existing!r}); "
+                                "use a new one such as '<my-cat>'")
+            if (not isinstance(vec, Tensor) or vec.shape != (width,)
+                    or not vec.is_floating_point()):
+                shown = (f"tensor of shape {tuple(vec.shape)} ({vec.dtype})"
+                         if isinstance(vec, Tensor) else vec)
+                raise bad_value(f"token_embeddings[{key!r}]", shown,
+                                f"a 1-D float tensor of the input-embedding width ({width},)")
+            out[key] = vec
+        return out
+
+    def _placeholder_tokenizer(self, placeholders: tuple[str, ...]):
+        """A private copy of the tokenizer with ``placeholders`` as added special tokens (one
+        id each); the shared tokenizer is never changed, so other prompts, and later prompts
+        that merely contain the placeholder text, tokenize as before."""
+        cache = self.__dict__.setdefault("_ph_tokenizers", OrderedDict())
+        if placeholders in cache:
+            cache.move_to_end(placeholders)
+            return cache[placeholders]
+        tok = copy.deepcopy(self.tokenizer)
+        tok.add_tokens(list(placeholders), special_tokens=True)
+        ids = tok.convert_tokens_to_ids(list(placeholders))
+        if len(set(ids)) != len(ids) or min(ids) < len(self.tokenizer):  # pragma: no cover
+            raise DifflabError(f"could not register placeholders {list(placeholders)} as new "
+                               "tokens of the text encoder's tokenizer")
+        cache[placeholders] = (tok, ids)
+        while len(cache) > 8:
+            cache.popitem(last=False)
+        return tok, ids
+
+    def _run_with_placeholders(self, prompts: Sequence[str], pad_to: int | None,
+                               vectors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        placeholders = tuple(sorted(vectors))
+        tok, ph_ids = self._placeholder_tokenizer(placeholders)
+        batch = {k: v.to(self.device) for k, v in self._tokenize(tok, prompts, pad_to).items()}
+        ids = batch.pop("input_ids")
+        slot = torch.full_like(ids, -1)
+        for k, pid in enumerate(ph_ids):
+            slot[ids == pid] = k
+        is_ph = (slot >= 0).unsqueeze(-1)
+        # the new ids are beyond the embedding table: look up a harmless id there instead
+        safe = ids.masked_fill(slot >= 0, self.tokenizer.pad_token_id or 0)
+        table = self._word_embeddings()
+        stacked = torch.stack([vectors[p] for p in placeholders]).to(self.device,
+                                                                      table.weight.dtype)
+        replace = stacked[slot.clamp_min(0)]
+        if "inputs_embeds" in inspect.signature(self.model.forward).parameters:
+            embeds = torch.where(is_ph, replace, table(safe))
+            out = self.model(inputs_embeds=embeds, **batch).last_hidden_state
+        else:  # e.g. CLIPTextModel, whose forward needs input_ids: override the lookup itself
+            handle = table.register_forward_hook(lambda m, a, o: torch.where(is_ph, replace, o))
+            try:
+                out = self.model(input_ids=safe, **batch).last_hidden_state
+            finally:
+                handle.remove()
+        return out, batch["attention_mask"].bool()
+
+    def encode(self, prompts: Sequence[str], pad_to: int | None = None, *, grad: bool = False,
+               token_embeddings: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Token embeddings ``(B, L, D)`` (float32) and mask ``(B, L)`` (True = real token).
 
         ``L`` is the longest prompt in the batch (or ``pad_to``); padded positions hold the
         encoder's output there but are masked out.
-        """
-        batch = {k: v.to(self.device) for k, v in self.tokenize(prompts, pad_to).items()}
-        out = self.model(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].bool()
-        # zero at padding, so an encoding does not depend on how far it was padded
-        return out * mask.unsqueeze(-1), mask
 
-    @torch.no_grad()
-    def sentence(self, prompts: Sequence[str]) -> Tensor:
+        Args:
+            grad: run with autograd on, so gradients reach inputs such as ``token_embeddings``
+                (the encoder's own parameters stay frozen); off by default.
+            token_embeddings: placeholder string -> input embedding ``(embedding_dim,)``
+                (textual inversion, Gal et al. 2023): each occurrence of a placeholder in a
+                prompt (matched exactly, case-sensitively) becomes one token whose input
+                embedding is that vector; position and type embeddings are the model's own.
+        """
+        vectors = self._check_token_embeddings(token_embeddings) if token_embeddings else {}
+        with torch.enable_grad() if grad else torch.no_grad():
+            if vectors:
+                out, mask = self._run_with_placeholders(prompts, pad_to, vectors)
+            else:
+                batch = {k: v.to(self.device)
+                         for k, v in self._tokenize(self.tokenizer, prompts, pad_to).items()}
+                out = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].bool()
+            # zero at padding, so an encoding does not depend on how far it was padded
+            return out.float() * mask.unsqueeze(-1), mask
+
+    def sentence(self, prompts: Sequence[str], *, grad: bool = False,
+                 token_embeddings: Mapping[str, Tensor] | None = None) -> Tensor:
         """One unit vector per prompt ``(B, D)``: the mean of the real tokens' embeddings,
-        L2-normalised (the sentence-transformers pooling MiniLM was trained with)."""
-        tokens, mask = self.encode(prompts)
+        L2-normalised (the sentence-transformers pooling MiniLM was trained with).
+        ``grad`` and ``token_embeddings`` are as for :meth:`encode`."""
+        tokens, mask = self.encode(prompts, grad=grad, token_embeddings=token_embeddings)
         return pool_sentence(tokens, mask)
 
 
