@@ -27,13 +27,13 @@ from torch import Tensor, nn
 from difflab.cond import Cond
 from difflab.errors import DifflabError, bad_value
 from difflab.networks.layers import (
-    EmbedSequential,
     ResBlock,
     TimeEmbedding,
     check_image_and_time,
     preset_config,
     silu_,
 )
+from difflab.networks.trunk import EncoderTrunk, TrunkSpec
 
 __all__ = ["AlignmentConfig", "AlignmentModel", "LOGIT_SCALE_INIT", "LOGIT_SCALE_MAX"]
 
@@ -100,10 +100,11 @@ class AlignmentConfig:
         return preset_config(cls, PRESETS, name, overrides, scale_attention=False)
 
 
-class AlignmentModel(nn.Module):
+class AlignmentModel(EncoderTrunk):
     """Noise-aware image tower + text projection into one unit sphere (SDG Sec. 4; CLIP).
 
-    Image tower: ``conv_in``, then per level ``num_res_blocks`` time-conditioned
+    Image tower: the shared encoder (:class:`~difflab.networks.trunk.EncoderTrunk` without
+    attention or middle block): ``conv_in``, then per level ``num_res_blocks`` time-conditioned
     :class:`ResBlock` s and (except after the last level) a BigGAN-style downsampling
     ResBlock (2x2 average pooling inside, as ADM's classifier with ``resblock_updown``), then
     global average pooling, LayerNorm, SiLU and a linear projection to ``embed_dim``. The norm
@@ -123,20 +124,11 @@ class AlignmentModel(nn.Module):
     def __init__(self, config: AlignmentConfig) -> None:
         super().__init__()
         self.config = c = config
-        ch = c.model_channels
-        emb_dim = 4 * ch
-        self.time_embed = TimeEmbedding(ch, emb_dim)
-        self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
-        self.levels = nn.ModuleList()
-        self.downs = nn.ModuleList()
-        for level, mult in enumerate(c.channel_mult):
-            blocks = []
-            for _ in range(c.num_res_blocks):
-                blocks.append(ResBlock(ch, emb_dim, c.model_channels * mult, c.dropout))
-                ch = c.model_channels * mult
-            self.levels.append(EmbedSequential(blocks))
-            if level < len(c.channel_mult) - 1:
-                self.downs.append(ResBlock(ch, emb_dim, ch, c.dropout, down=True))
+        self.time_embed = TimeEmbedding(c.model_channels, 4 * c.model_channels)
+        self.build_trunk(TrunkSpec(
+            c.in_channels, c.model_channels, c.channel_mult, c.num_res_blocks, c.image_size,
+            dropout=c.dropout, resblock_updown=True, middle=False))
+        ch = self.trunk_channels
         self.feature_channels = tuple(c.model_channels * m for m in c.channel_mult)
         self.out_norm = nn.LayerNorm(ch)
         self.image_proj = nn.Linear(ch, c.embed_dim)
@@ -170,14 +162,8 @@ class AlignmentModel(nn.Module):
         """Run the image tower: the final map and the per-level feature maps."""
         t = self._check_inputs(x, t)
         emb = F.silu(self.time_embed(t))  # (B, 4 ch), the SiLU opening every ResBlock
-        h = self.conv_in(x)  # (B, ch, H, W)
-        feats = []
-        for level, blocks in enumerate(self.levels):
-            h = blocks(h, emb)  # (B, ch_level, H / 2^level, W / 2^level)
-            feats.append(h)
-            if level < len(self.downs):
-                h = self.downs[level](h, emb)  # (B, ch_level, H / 2^(level+1), ...)
-        return h, feats
+        h, outputs = self.run_trunk(x, emb)  # (B, ch, H / f, W / f), every block's output
+        return h, [outputs[i] for i in self.level_ends]  # per level, before its downsampling
 
     def image_features(self, x_t: Tensor, t: Tensor) -> list[Tensor]:
         """Intermediate feature maps ``[(B, C_l, H_l, W_l)]``, one per level, shallowest first.

@@ -1,19 +1,23 @@
 """Attention for the diffusion U-Nets, behind a replaceable attention processor.
 
-Every attention layer is an :class:`Attention` module. It projects queries, keys and
-values, splits heads, and hands ``(q, k, v, mask)`` to ``self.processor``; the default
-:class:`SDPAProcessor` calls ``torch.nn.functional.scaled_dot_product_attention``
-(Vaswani et al. 2017, eq. 1: ``softmax(q k^T / sqrt(d)) v``). Swapping the processor
-(:func:`set_attn_processor`) is how LoRA, prompt-to-prompt and attention visualisation
-hook every attention in a model without touching the network code.
+Every attention layer is an :class:`Attention` module whose whole computation is done by
+``self.processor``, called with the module and the hidden states *before* the q/k/v
+projections (the contract of :class:`AttentionProcessor`). The default
+:class:`SDPAProcessor` projects, calls ``torch.nn.functional.scaled_dot_product_attention``
+(Vaswani et al. 2017, eq. 1: ``softmax(q k^T / sqrt(d)) v``) and projects out;
+:class:`ProbabilityProcessor` forms the probabilities explicitly so that they can be read or
+replaced. Swapping the processor (:func:`set_attn_processor`) is how LoRA, hypernetworks,
+prompt-to-prompt and attention visualisation hook every attention in a model without touching
+the network code.
 
-Two spatial wrappers use it: :class:`AttentionBlock` (ADM's self-attention over the
-pixels of a feature map, Dhariwal & Nichol 2021 sec. 3) and :class:`SpatialTransformer`
+Two wrappers over feature maps of any dimension use it: :class:`AttentionBlock` (ADM's
+self-attention over the pixels, Dhariwal & Nichol 2021 sec. 3) and :class:`SpatialTransformer`
 (LDM's transformer with cross-attention to a context, Rombach et al. 2022 sec. 3.3).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -21,13 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.errors import DifflabError
-from difflab.networks.layers import group_norm
+from difflab.networks.layers import ContextBlock, group_norm
 
 __all__ = [
     "Attention",
     "AttentionBlock",
     "AttentionProcessor",
     "FeedForward",
+    "ProbabilityProcessor",
     "SDPAProcessor",
     "SpatialTransformer",
     "TransformerBlock",
@@ -37,30 +42,55 @@ __all__ = [
 
 
 class AttentionProcessor(Protocol):
-    """What an attention processor is: ``processor(module, q, k, v, mask) -> out``.
+    """What an attention processor is: ``processor(attn, x, context, context_mask) -> out``.
 
-    ``q`` is ``(B, heads, N, head_dim)``, ``k`` and ``v`` are ``(B, heads, L, head_dim)``
-    (``L = N`` for self-attention), ``mask`` is None or a boolean tensor broadcastable to
-    ``(B, heads, N, L)`` that is True where a key may be attended to. The result is
-    ``(B, heads, N, head_dim)``. ``module`` is the calling :class:`Attention` (it carries
-    ``heads``, ``head_dim``, ``is_cross`` and the projections).
+    The processor receives the calling :class:`Attention` module and its hidden states
+    *before* the q/k/v projections (as diffusers' ``AttnProcessor``): ``x (B, N, dim)``, the
+    cross-attention ``context (B, L, context_dim)`` (None for self-attention) and
+    ``context_mask (B, L)`` (True = real token, or None). It returns ``(B, N, dim)``, after the
+    output projection. It composes the module's steps, each of which it may wrap or replace:
+
+    - :meth:`Attention.project` -> ``q (B, h, N, d)``, ``k, v (B, h, L, d)`` (LoRA,
+      hypernetworks and IP-adapters wrap the projections ``to_qkv`` / ``to_q`` / ``to_kv``);
+    - :meth:`Attention.key_mask` -> the boolean mask for the scores and the rows with no token;
+    - :meth:`Attention.probabilities` -> ``softmax(q k^T / sqrt(d))`` ``(B, h, N, L)``, which
+      prompt-to-prompt reads and replaces before multiplying by ``v``;
+    - :meth:`Attention.output` -> heads merged and projected by ``to_out``.
     """
 
-    def __call__(
-        self, module: Attention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
-    ) -> Tensor: ...
+    def __call__(self, attn: Attention, x: Tensor, context: Tensor | None,
+                 context_mask: Tensor | None) -> Tensor: ...
 
 
 class SDPAProcessor:
     """The default processor: PyTorch's fused ``scaled_dot_product_attention``."""
 
-    def __call__(
-        self, module: Attention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
-    ) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    def __call__(self, attn: Attention, x: Tensor, context: Tensor | None = None,
+                 context_mask: Tensor | None = None) -> Tensor:
+        q, k, v = attn.project(x, context)  # (B, h, N, d), (B, h, L, d) x 2
+        mask, empty = attn.key_mask(context_mask)
+        return attn.output(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), empty)
 
     def __repr__(self) -> str:
         return "SDPAProcessor()"
+
+
+class ProbabilityProcessor:
+    """Attention written out through its probabilities (Vaswani et al. 2017, eq. 1):
+    ``softmax(q k^T / sqrt(d)) v``. Subclasses override :meth:`edit` to read or replace the
+    probabilities ``(B, h, N, L)`` (prompt-to-prompt, attention maps); as is, it equals
+    :class:`SDPAProcessor` up to rounding."""
+
+    def edit(self, attn: Attention, probs: Tensor) -> Tensor:
+        """The probabilities to use (default: unchanged)."""
+        return probs
+
+    def __call__(self, attn: Attention, x: Tensor, context: Tensor | None = None,
+                 context_mask: Tensor | None = None) -> Tensor:
+        q, k, v = attn.project(x, context)
+        mask, empty = attn.key_mask(context_mask)
+        probs = self.edit(attn, attn.probabilities(q, k, mask))  # (B, h, N, L)
+        return attn.output(probs @ v, empty)
 
 
 class Attention(nn.Module):
@@ -69,6 +99,8 @@ class Attention(nn.Module):
     Self-attention when ``context_dim`` is None (one fused q/k/v projection
     ``to_qkv``), cross-attention to a ``context (B, L, context_dim)`` otherwise
     (``to_q`` from the input, fused ``to_kv`` from the context). ``is_cross`` records which.
+    The computation is the attention processor's (``self.processor``; see
+    :class:`AttentionProcessor`), built from the steps below.
 
     Args:
         dim: width of the input tokens (and of the output).
@@ -107,34 +139,62 @@ class Attention(nn.Module):
         A sample without any real token attends to nothing (its attention output is zero).
         Returns ``(B, N, dim)``.
         """
+        if self.is_cross and context is None:
+            raise ValueError("cross-attention needs a context (B, L, context_dim)")
+        return self.processor(self, x, context, context_mask)
+
+    # ----- the steps a processor composes ----------------------------------------------------
+    def split(self, h: Tensor) -> Tensor:
+        """``(B, N, heads * head_dim) -> (B, heads, N, head_dim)``."""
+        return h.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries from ``x``, keys and values from ``x`` (self) or ``context`` (cross), split
+        into heads: ``q (B, h, N, d)``, ``k, v (B, h, L, d)``."""
         split = (self.heads, self.head_dim)
         if self.is_cross:
-            if context is None:
-                raise ValueError("cross-attention needs a context (B, L, context_dim)")
-            q = self.to_q(x).unflatten(-1, split).transpose(1, 2)  # (B, h, N, d)
+            q = self.split(self.to_q(x))  # (B, h, N, d)
             k, v = self.to_kv(context).unflatten(-1, (2, *split)).permute(2, 0, 3, 1, 4)
-        else:
-            q, k, v = self.to_qkv(x).unflatten(-1, (3, *split)).permute(2, 0, 3, 1, 4)
-        mask, empty = None, None
-        if context_mask is not None:
-            mask = context_mask[:, None, None, :]  # (B, 1, 1, L)
-            has_token = context_mask.any(dim=-1)
-            if not bool(has_token.all()):  # avoid an all -inf softmax row (NaN)
-                empty = ~has_token[:, None, None, None]
-                mask = mask | empty
-        out = self.processor(self, q, k, v, mask)  # (B, h, N, d)
+            return q, k, v
+        q, k, v = self.to_qkv(x).unflatten(-1, (3, *split)).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    @staticmethod
+    def key_mask(context_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """``(mask, empty)``: ``mask (B, 1, 1, L)`` True where a key may be attended to, and
+        ``empty (B, 1, 1, 1)`` True for samples without any real token (their mask is opened,
+        to avoid an all ``-inf`` softmax row, and their output zeroed by :meth:`output`)."""
+        if context_mask is None:
+            return None, None
+        mask = context_mask[:, None, None, :]  # (B, 1, 1, L)
+        has_token = context_mask.any(dim=-1)
+        if bool(has_token.all()):
+            return mask, None
+        empty = ~has_token[:, None, None, None]
+        return mask | empty, empty
+
+    def probabilities(self, q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``softmax(q k^T / sqrt(d))`` ``(B, h, N, L)``, masked keys at zero (eq. 1)."""
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, h, N, L)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1)
+
+    def output(self, out: Tensor, empty: Tensor | None = None) -> Tensor:
+        """Merge the heads of ``out (B, h, N, d)`` (zero for ``empty`` samples) and apply
+        ``to_out``: ``(B, N, dim)``."""
         if empty is not None:
             out = out.masked_fill(empty, 0.0)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, dim)
 
 
 def _tokens(x: Tensor) -> Tensor:
-    """``(B, C, H, W) -> (B, HW, C)``; a free view for channels_last input."""
+    """``(B, C, *S) -> (B, prod(S), C)``; a free view for channels_last input."""
     return x.flatten(2).transpose(1, 2)
 
 
-def _pixels(tokens: Tensor, size: tuple[int, int]) -> Tensor:
-    """``(B, HW, C) -> (B, C, H, W)``; channels_last in memory, no copy."""
+def _pixels(tokens: Tensor, size: tuple[int, ...]) -> Tensor:
+    """``(B, prod(S), C) -> (B, C, *S)``; channels_last in memory, no copy."""
     return tokens.transpose(1, 2).unflatten(2, size)
 
 
@@ -142,7 +202,8 @@ class AttentionBlock(nn.Module):
     """ADM's self-attention over the pixels of a feature map, with a residual.
 
     ``x + proj_out(attention(GN(x)))`` where every pixel is a token (DDPM App. B;
-    ADM sec. 3 uses several heads). ``attn.to_out`` is zero-initialised by the model.
+    ADM sec. 3 uses several heads); over a sequence or a video every position is one.
+    ``attn.to_out`` is zero-initialised by the model.
 
     Args:
         channels: feature channels (the token width).
@@ -155,15 +216,9 @@ class AttentionBlock(nn.Module):
         self.norm = group_norm(channels)
         self.attn = Attention(channels, heads, head_dim, qkv_bias=True)
 
-    def forward(
-        self,
-        x: Tensor,
-        emb: Tensor | None = None,
-        context: Tensor | None = None,
-        context_mask: Tensor | None = None,
-    ) -> Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)``; the conditioning arguments are ignored."""
-        out = self.attn(_tokens(self.norm(x)))  # (B, HW, C)
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, *S) -> (B, C, *S)``."""
+        out = self.attn(_tokens(self.norm(x)))  # (B, prod(S), C)
         return x + _pixels(out, x.shape[2:])
 
 
@@ -228,7 +283,7 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
-class SpatialTransformer(nn.Module):
+class SpatialTransformer(ContextBlock):
     """LDM's transformer over the pixels of a feature map (Rombach et al. 2022, sec. 3.3).
 
     ``x + proj_out(blocks(proj_in(GN(x))))``; the projections are per-pixel linear maps
@@ -262,16 +317,12 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Linear(inner, channels)
 
     def forward(
-        self,
-        x: Tensor,
-        emb: Tensor | None = None,
-        context: Tensor | None = None,
-        context_mask: Tensor | None = None,
+        self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
     ) -> Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)``; ``emb`` is ignored."""
-        h = self.proj_in(_tokens(self.norm(x)))  # (B, HW, inner)
+        """``(B, C, *S) -> (B, C, *S)``."""
+        h = self.proj_in(_tokens(self.norm(x)))  # (B, prod(S), inner)
         for block in self.blocks:
-            h = block(h, context, context_mask)  # (B, HW, inner)
+            h = block(h, context, context_mask)  # (B, prod(S), inner)
         return x + _pixels(self.proj_out(h), x.shape[2:])
 
 

@@ -25,8 +25,6 @@ from difflab.cond import Cond
 from difflab.errors import DifflabError, bad_value
 from difflab.networks.attention import Attention, AttentionBlock
 from difflab.networks.layers import (
-    Downsample,
-    EmbedSequential,
     ResBlock,
     TimeEmbedding,
     check_image_and_time,
@@ -34,6 +32,7 @@ from difflab.networks.layers import (
     preset_config,
     silu_,
 )
+from difflab.networks.trunk import EncoderTrunk, TrunkSpec
 
 __all__ = ["AttentionPool2d", "ClassifierConfig", "NoisyClassifier", "POOLS"]
 
@@ -180,12 +179,13 @@ class ClassifierConfig:
         return preset_config(cls, PRESETS, name, overrides)
 
 
-class NoisyClassifier(nn.Module):
+class NoisyClassifier(EncoderTrunk):
     """ADM's noise-aware classifier: ``net(x_t, t, cond=None) -> logits (B, num_classes)``.
 
-    ``conv_in``; per level ``num_res_blocks`` residual blocks (each followed by attention at
-    the chosen resolutions) and a 2x downsampling (not after the last level); the middle block
-    (residual, attention, residual); GroupNorm, SiLU and the pooling to ``(B, D)``
+    The shared encoder (:class:`~difflab.networks.trunk.EncoderTrunk`: ``conv_in``; per level
+    ``num_res_blocks`` residual blocks, each followed by attention at the chosen resolutions,
+    and a 2x downsampling, not after the last level; the middle block: residual, attention,
+    residual); GroupNorm, SiLU and the pooling to ``(B, D)``
     (:meth:`features`); a linear head to the logits. Wrap it in
     :class:`~difflab.networks.noisy.NoisyModel` so that ``t`` is given in path time.
 
@@ -196,28 +196,12 @@ class NoisyClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
         self.config = c = config
-        ch = c.model_channels
-        emb_dim = 4 * ch
-        self.time_embed = TimeEmbedding(ch, emb_dim)
-        self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
-
-        def res(cin: int, cout: int, **kw: bool) -> ResBlock:
-            return ResBlock(cin, emb_dim, cout, c.dropout, c.use_scale_shift_norm, **kw)
-
-        size = c.image_size
-        self.down = nn.ModuleList()
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                blocks: list[nn.Module] = [res(ch, c.model_channels * mult)]
-                ch = c.model_channels * mult
-                if size in c.attention_resolutions:
-                    blocks.append(AttentionBlock(ch, *c.heads(ch)))
-                self.down.append(EmbedSequential(blocks))
-            if level < len(c.channel_mult) - 1:
-                down = res(ch, ch, down=True) if c.resblock_updown else Downsample(ch)
-                self.down.append(EmbedSequential([down]))
-                size //= 2
-        self.mid = EmbedSequential([res(ch, ch), AttentionBlock(ch, *c.heads(ch)), res(ch, ch)])
+        self.time_embed = TimeEmbedding(c.model_channels, 4 * c.model_channels)
+        self.build_trunk(TrunkSpec(
+            c.in_channels, c.model_channels, c.channel_mult, c.num_res_blocks, c.image_size,
+            c.attention_resolutions, c.dropout, c.use_scale_shift_norm, c.resblock_updown,
+            middle=True), lambda ch: AttentionBlock(ch, *c.heads(ch)))
+        ch, size = self.trunk_channels, self.trunk_size
         self.out_norm = group_norm(ch)
         self.pool = AttentionPool2d(ch, size, *c.heads(ch)) if c.pool == "attention" else None
         self.head = nn.Linear(ch, c.num_classes)
@@ -252,10 +236,7 @@ class NoisyClassifier(nn.Module):
         """
         t = self._check_inputs(x, t, cond)
         emb = F.silu(self.time_embed(t))  # (B, E), the SiLU opening every ResBlock projection
-        h = self.conv_in(x)  # (B, ch, H, W)
-        for block in self.down:
-            h = block(h, emb)  # (B, ch_i, H / 2^k, W / 2^k)
-        h = self.mid(h, emb)  # (B, D, H / f, W / f)
+        h, _ = self.run_trunk(x, emb)  # (B, D, H / f, W / f): encoder and middle block
         h = silu_(self.out_norm(h))  # (B, D, H / f, W / f)
         if self.pool is None:
             return h.mean(dim=(2, 3))  # (B, D)

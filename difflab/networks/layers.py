@@ -1,12 +1,16 @@
-"""Convolutional building blocks of the diffusion U-Nets.
+"""Building blocks of the diffusion U-Nets, in any number of spatial dimensions.
 
-Time embedding (DDPM, Ho et al. 2020, sec. 4 and App. B), residual blocks with
-adaptive group norm (ADM, Dhariwal & Nichol 2021, sec. 3), BigGAN-style resampling
-inside residual blocks (ADM sec. 3, after Brock et al. 2019) and plain resampling layers.
-The attention blocks live in :mod:`difflab.networks.attention`.
+Time embedding (DDPM, Ho et al. 2020, sec. 4 and App. B), residual blocks with adaptive group
+norm (ADM, Dhariwal & Nichol 2021, sec. 3), BigGAN-style resampling inside residual blocks
+(ADM sec. 3, after Brock et al. 2019) and plain resampling layers. The attention blocks live in
+:mod:`difflab.networks.attention`, the shared encoder in :mod:`difflab.networks.trunk`.
 
-Every block takes the same arguments ``(x, emb, context, context_mask)`` and ignores
-what it does not use, so a U-Net stage is a plain :class:`EmbedSequential`.
+Every convolution, resampling and residual block takes ``dims`` (1, 2 or 3), as ADM's
+``conv_nd`` does: ``dims=1`` for sequences ``(B, C, L)``, 2 for images ``(B, C, H, W)``, 3 for
+videos ``(B, C, T, H, W)`` (resampled in ``H, W`` only, frames kept). A block receives the time
+embedding only when it reads it (:class:`TimestepBlock`, ADM's idea) and the text context only
+when it reads it (:class:`ContextBlock`); :class:`EmbedSequential` decides once, when it is
+built, which arguments each of its blocks gets.
 """
 
 from __future__ import annotations
@@ -18,15 +22,44 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "ContextBlock",
     "Downsample",
     "EmbedSequential",
     "ResBlock",
     "TimeEmbedding",
+    "TimestepBlock",
     "Upsample",
+    "avg_pool_nd",
+    "conv_nd",
     "group_norm",
     "silu_",
     "timestep_embedding",
 ]
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+def _check_dims(dims: int) -> int:
+    if dims not in _CONV:
+        raise ValueError(f"dims={dims!r} is not valid: expected 1, 2 or 3 spatial dimensions")
+    return dims
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` for ``dims`` = 1 / 2 / 3 (ADM ``conv_nd``)."""
+    return _CONV[_check_dims(dims)](*args, **kwargs)
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """``nn.AvgPool1d`` / ``AvgPool2d`` / ``AvgPool3d`` for ``dims`` = 1 / 2 / 3."""
+    return _POOL[_check_dims(dims)](*args, **kwargs)
+
+
+def resample_factor(dims: int) -> int | tuple[int, ...]:
+    """The 2x resampling of ``dims`` spatial dimensions: every one, except the frames of a
+    video (``dims=3``: ``(1, 2, 2)``, as ADM)."""
+    return (1, 2, 2) if dims == 3 else 2
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -100,6 +133,21 @@ def silu_(h: Tensor) -> Tensor:
     return F.silu(h, inplace=not torch.is_grad_enabled())
 
 
+class TimestepBlock(nn.Module):
+    """A block that reads the time embedding: ``block(x, emb)`` (ADM's ``TimestepBlock``)."""
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ContextBlock(nn.Module):
+    """A block that reads the text context: ``block(x, context, context_mask)``."""
+
+    def forward(self, x: Tensor, context: Tensor | None = None,
+                context_mask: Tensor | None = None) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 conv (DDPM App. B).
 
@@ -107,59 +155,57 @@ class Upsample(nn.Module):
         channels: input channels.
         use_conv: apply a 3x3 convolution after upsampling.
         out_channels: output channels (default ``channels``; needs ``use_conv``).
+        dims: spatial dimensions (a video, ``dims=3``, keeps its frame count).
     """
 
-    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None):
+    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None,
+                 dims: int = 2) -> None:
         super().__init__()
         out_channels = out_channels or channels
         if not use_conv and out_channels != channels:
             raise ValueError("Upsample: changing the channel count needs use_conv=True")
-        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
+        self.dims = _check_dims(dims)
+        self.conv = conv_nd(dims, channels, out_channels, 3, padding=1) if use_conv else None
 
-    def forward(
-        self,
-        x: Tensor,
-        emb: Tensor | None = None,
-        context: Tensor | None = None,
-        context_mask: Tensor | None = None,
-    ) -> Tensor:
-        """``(B, C, H, W) -> (B, C_out, 2H, 2W)``; the conditioning arguments are ignored."""
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, *S) -> (B, C_out, *2S)`` (a video: ``(B, C_out, T, 2H, 2W)``)."""
+        if self.dims == 3:
+            T, H, W = x.shape[2:]
+            x = F.interpolate(x, size=(T, 2 * H, 2 * W), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return x if self.conv is None else self.conv(x)
 
 
 class Downsample(nn.Module):
-    """2x downsampling: a stride-2 3x3 conv, or 2x2 average pooling (DDPM App. B).
+    """2x downsampling: a stride-2 3x3 conv, or 2x average pooling (DDPM App. B).
 
     Args:
         channels: input channels.
         use_conv: strided convolution (True) or average pooling (False).
         out_channels: output channels (default ``channels``; needs ``use_conv``).
+        dims: spatial dimensions (a video, ``dims=3``, keeps its frame count).
     """
 
-    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None):
+    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None,
+                 dims: int = 2) -> None:
         super().__init__()
         out_channels = out_channels or channels
         if not use_conv and out_channels != channels:
             raise ValueError("Downsample: changing the channel count needs use_conv=True")
+        stride = resample_factor(_check_dims(dims))
         self.op: nn.Module = (
-            nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+            conv_nd(dims, channels, out_channels, 3, stride=stride, padding=1)
             if use_conv
-            else nn.AvgPool2d(2)
+            else avg_pool_nd(dims, kernel_size=stride, stride=stride)
         )
 
-    def forward(
-        self,
-        x: Tensor,
-        emb: Tensor | None = None,
-        context: Tensor | None = None,
-        context_mask: Tensor | None = None,
-    ) -> Tensor:
-        """``(B, C, H, W) -> (B, C_out, H/2, W/2)``; the conditioning arguments are ignored."""
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, *S) -> (B, C_out, *S/2)``."""
         return self.op(x)
 
 
-class ResBlock(nn.Module):
+class ResBlock(TimestepBlock):
     """Residual block conditioned on the time (and class) embedding.
 
     DDPM's Wide-ResNet block (Ho et al. 2020, App. B) with ADM's adaptive group norm
@@ -182,6 +228,7 @@ class ResBlock(nn.Module):
         use_scale_shift_norm: ADM's adaptive group norm (True) or additive embedding.
         up: upsample 2x inside the block.
         down: downsample 2x inside the block.
+        dims: spatial dimensions of the features (1, 2 or 3).
     """
 
     def __init__(
@@ -193,57 +240,50 @@ class ResBlock(nn.Module):
         use_scale_shift_norm: bool = True,
         up: bool = False,
         down: bool = False,
+        dims: int = 2,
     ) -> None:
         super().__init__()
         if up and down:
             raise ValueError("ResBlock: up and down cannot both be True")
         out_channels = out_channels or in_channels
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.dims = _check_dims(dims)
         self.norm1 = group_norm(in_channels)
         self.resample: nn.Module | None = None
         if up:
-            self.resample = Upsample(in_channels, use_conv=False)
+            self.resample = Upsample(in_channels, use_conv=False, dims=dims)
         elif down:
-            self.resample = Downsample(in_channels, use_conv=False)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+            self.resample = Downsample(in_channels, use_conv=False, dims=dims)
+        self.conv1 = conv_nd(dims, in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(
             emb_dim, 2 * out_channels if use_scale_shift_norm else out_channels
         )
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = conv_nd(dims, out_channels, out_channels, 3, padding=1)
         self.skip = (
             nn.Identity()
             if in_channels == out_channels
-            else nn.Conv2d(in_channels, out_channels, 1)
+            else conv_nd(dims, in_channels, out_channels, 1)
         )
 
-    def forward(
-        self,
-        x: Tensor,
-        emb: Tensor | None = None,
-        context: Tensor | None = None,
-        context_mask: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """Apply the block.
 
         Args:
-            x: features ``(B, C_in, H, W)``.
+            x: features ``(B, C_in, *S)``.
             emb: the *activated* embedding ``SiLU(emb)`` of shape ``(B, emb_dim)``; the
                 U-Net applies the SiLU once for all blocks (ADM's ``emb_layers`` start with it).
-            context: ignored.
-            context_mask: ignored.
 
         Returns:
-            ``(B, C_out, H', W')`` with ``H' = 2H``, ``H/2`` or ``H`` for up / down / neither.
+            ``(B, C_out, *S')`` with ``S' = 2S``, ``S/2`` or ``S`` for up / down / neither.
         """
-        if emb is None:
-            raise ValueError("ResBlock needs the embedding emb (B, emb_dim)")
         h = silu_(self.norm1(x))
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
         h = self.conv1(h)
-        e = self.emb_proj(emb)[:, :, None, None]
+        e = self.emb_proj(emb)
+        e = e.reshape(*e.shape, *(1,) * self.dims)  # (B, C', 1, ...): broadcast over S
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
             h = torch.addcmul(shift, self.norm2(h), 1.0 + scale)  # ADM sec. 3: AdaGN
@@ -253,23 +293,35 @@ class ResBlock(nn.Module):
         return h.add_(self.skip(x))  # conv's backward does not need its output: add in place
 
 
-class EmbedSequential(nn.ModuleList):
-    """Blocks applied in order, each receiving ``(x, emb, context, context_mask)``."""
+_PLAIN, _TIME, _CONTEXT = 0, 1, 2
 
-    def forward(
-        self,
-        x: Tensor,
-        emb: Tensor | None = None,
-        context: Tensor | None = None,
-        context_mask: Tensor | None = None,
-    ) -> Tensor:
-        """Thread ``x`` through every block with the shared conditioning."""
-        for block in self:
-            x = block(x, emb, context, context_mask)
+
+class EmbedSequential(nn.ModuleList):
+    """Blocks applied in order; each gets the time embedding only if it is a
+    :class:`TimestepBlock`, the context only if it is a :class:`ContextBlock`.
+
+    Which block takes what is decided once, here, not on every call.
+    """
+
+    def __init__(self, blocks=None) -> None:
+        super().__init__(blocks)
+        self._kinds = tuple(_TIME if isinstance(b, TimestepBlock) else
+                            _CONTEXT if isinstance(b, ContextBlock) else _PLAIN for b in self)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None) -> Tensor:
+        """Thread ``x`` through every block with the conditioning each one reads."""
+        for block, kind in zip(self, self._kinds):
+            if kind == _TIME:
+                x = block(x, emb)
+            elif kind == _CONTEXT:
+                x = block(x, context, context_mask)
+            else:
+                x = block(x)
         return x
 
 
-# ----- shared by the U-Net, the noise-aware classifier and the alignment model ----------------
+# ----- shared by every network family built from these blocks -----------------------------------
 def preset_config(cls: type, presets: dict, name: str, overrides: dict,
                   scale_attention: bool = True):
     """``presets[name]`` with ``overrides`` (unknown fields rejected). With
@@ -297,18 +349,22 @@ def preset_config(cls: type, presets: dict, name: str, overrides: dict,
 
 
 def check_image_and_time(owner: str, x: Tensor, t: Tensor, in_channels: int, factor: int,
-                         x_name: str = "x") -> Tensor:
-    """Check ``x (B, in_channels, H, W)`` with H, W multiples of the downsampling ``factor``;
-    returns ``t`` as a ``(B,)`` tensor (a scalar is broadcast)."""
+                         x_name: str = "x", dims: int = 2) -> Tensor:
+    """Check ``x (B, in_channels, *S)`` with ``dims`` spatial sizes, those that are resampled
+    multiples of the downsampling ``factor``; returns ``t`` as a ``(B,)`` tensor (a scalar is
+    broadcast)."""
     from difflab.errors import DifflabError
 
-    if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != in_channels:
+    layout = {1: "L", 2: "H, W", 3: "T, H, W"}[dims]
+    if not isinstance(x, Tensor) or x.ndim != 2 + dims or x.shape[1] != in_channels:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise DifflabError(f"{owner}: expected {x_name} of shape (B, {in_channels}, H, W) "
+        raise DifflabError(f"{owner}: expected {x_name} of shape (B, {in_channels}, {layout}) "
                            f"(in_channels={in_channels}), got {got}")
-    B, _, H, W = x.shape
-    if H % factor or W % factor:
-        raise DifflabError(f"{owner}: image size {H}x{W} is not divisible by the downsampling "
+    B = x.shape[0]
+    sizes = x.shape[-2:] if dims == 3 else x.shape[2:]
+    if any(s % factor for s in sizes):
+        shown = "x".join(str(s) for s in sizes)
+        raise DifflabError(f"{owner}: size {shown} is not divisible by the downsampling "
                            f"factor {factor} (2 ** (len(channel_mult) - 1)); pad or resize to a "
                            f"multiple of {factor}")
     t = torch.as_tensor(t, device=x.device)

@@ -23,16 +23,17 @@ from difflab.cond import Cond
 from difflab.errors import DifflabError, bad_value
 from difflab.networks.attention import AttentionBlock, SpatialTransformer
 from difflab.networks.layers import (
-    Downsample,
     EmbedSequential,
     ResBlock,
     TimeEmbedding,
     Upsample,
     check_image_and_time,
+    conv_nd,
     group_norm,
     preset_config,
     silu_,
 )
+from difflab.networks.trunk import EncoderTrunk, TrunkSpec
 
 __all__ = ["UNet", "UNetConfig"]
 
@@ -63,6 +64,9 @@ class UNetConfig:
         learn_sigma: also output iDDPM's variance interpolation ``v`` (eq. 15).
         resblock_updown: resample with BigGAN residual blocks (ADM) instead of conv layers.
         use_scale_shift_norm: ADM's adaptive group norm (else the embedding is added).
+        dims: spatial dimensions: 2 for images ``(B, C, H, W)``, 1 for sequences
+            ``(B, C, L)``, 3 for videos ``(B, C, T, H, W)`` (resampled in H, W only;
+            attention over all positions).
     """
 
     image_size: int = 32
@@ -82,6 +86,7 @@ class UNetConfig:
     learn_sigma: bool = False
     resblock_updown: bool = False
     use_scale_shift_norm: bool = True
+    dims: int = 2
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -114,6 +119,8 @@ class UNetConfig:
             raise bad_value(
                 "concat_channels/dropout", (self.concat_channels, self.dropout), "(>= 0, [0, 1))"
             )
+        if self.dims not in (1, 2, 3):
+            raise bad_value("dims", self.dims, "1, 2 or 3 spatial dimensions")
         for mult in self.channel_mult:
             self.heads(self.model_channels * mult)  # raises when heads do not divide
 
@@ -148,7 +155,7 @@ class UNetConfig:
         return preset_config(cls, PRESETS, name, overrides)
 
 
-class UNet(nn.Module):
+class UNet(EncoderTrunk):
     """The ADM / LDM U-Net: ``net(x, t, cond) -> output``.
 
     Encoder: ``conv_in`` then, per level, ``num_res_blocks`` residual blocks (each
@@ -176,30 +183,17 @@ class UNet(nn.Module):
         emb_dim = 4 * ch
         self.time_embed = TimeEmbedding(ch, emb_dim)
         self.label_emb = None if c.num_classes is None else nn.Embedding(c.num_classes + 1, emb_dim)
-        self.conv_in = nn.Conv2d(c.in_channels + c.concat_channels, ch, 3, padding=1)
+        self.build_trunk(TrunkSpec(
+            c.in_channels + c.concat_channels, ch, c.channel_mult, c.num_res_blocks,
+            c.image_size, c.attention_resolutions, c.dropout, c.use_scale_shift_norm,
+            c.resblock_updown, middle=True, dims=c.dims), self._attention)
+        self.num_skips = len(self.skip_channels)
 
         def res(cin: int, cout: int, **kw: bool) -> ResBlock:
-            return ResBlock(cin, emb_dim, cout, c.dropout, c.use_scale_shift_norm, **kw)
+            return ResBlock(cin, emb_dim, cout, c.dropout, c.use_scale_shift_norm, dims=c.dims,
+                            **kw)
 
-        skip_channels, size = [ch], c.image_size
-        self.down = nn.ModuleList()
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                blocks: list[nn.Module] = [res(ch, c.model_channels * mult)]
-                ch = c.model_channels * mult
-                if size in c.attention_resolutions:
-                    blocks.append(self._attention(ch))
-                self.down.append(EmbedSequential(blocks))
-                skip_channels.append(ch)
-            if level < len(c.channel_mult) - 1:
-                down = res(ch, ch, down=True) if c.resblock_updown else Downsample(ch)
-                self.down.append(EmbedSequential([down]))
-                skip_channels.append(ch)
-                size //= 2
-        self.num_skips = len(skip_channels)
-        self.skip_channels = tuple(skip_channels)
-        self.mid = EmbedSequential([res(ch, ch), self._attention(ch), res(ch, ch)])
-
+        skip_channels, ch, size = list(self.skip_channels), self.trunk_channels, self.trunk_size
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
@@ -208,12 +202,13 @@ class UNet(nn.Module):
                 if size in c.attention_resolutions:
                     blocks.append(self._attention(ch))
                 if level > 0 and i == c.num_res_blocks:
-                    blocks.append(res(ch, ch, up=True) if c.resblock_updown else Upsample(ch))
+                    blocks.append(res(ch, ch, up=True) if c.resblock_updown
+                                  else Upsample(ch, dims=c.dims))
                     size *= 2
                 self.up.append(EmbedSequential(blocks))
         self.out_norm = group_norm(ch)
         out_channels = c.out_channels * (2 if c.learn_sigma else 1)
-        self.out_conv = nn.Conv2d(ch, out_channels, 3, padding=1)
+        self.out_conv = conv_nd(c.dims, ch, out_channels, 3, padding=1)
         self.initialize_weights()
 
     def _attention(self, channels: int) -> nn.Module:
@@ -273,12 +268,7 @@ class UNet(nn.Module):
         if self.label_emb is not None:
             emb = emb + self.label_emb(labels)  # (B, E)
         emb = F.silu(emb)  # (B, E), the SiLU that opens every ResBlock's projection
-        h = self.conv_in(x)  # (B, ch, H, W)
-        skips = [h]
-        for block in self.down:
-            h = block(h, emb, context, mask)  # (B, ch_i, H / 2^k, W / 2^k)
-            skips.append(h)
-        h = self.mid(h, emb, context, mask)  # (B, ch_mid, H / f, W / f)
+        h, skips = self.run_trunk(x, emb, context, mask)  # (B, ch_mid, H / f, W / f), skips
         if control is not None:
             skips, h = _add_control(skips, h, control)  # same shapes, ControlNet residuals added
         for block in self.up:
@@ -288,12 +278,12 @@ class UNet(nn.Module):
     def _check_inputs(self, x: Tensor, t: Tensor, cond: Cond | None) -> tuple[Any, ...]:
         """Validate; returns ``(t, labels, context, context_mask, concat, control)``."""
         c, cond = self.config, cond if cond is not None else Cond()
-        t = check_image_and_time("UNet", x, t, c.in_channels, c.downsample_factor)
-        B, _, H, W = x.shape
+        t = check_image_and_time("UNet", x, t, c.in_channels, c.downsample_factor, dims=c.dims)
+        B, S = x.shape[0], tuple(x.shape[2:])
         labels = self._check_labels(cond.labels, B, x.device)
         context, mask = self._check_context(cond.context, cond.context_mask, B)
         if c.concat_channels:
-            want = (B, c.concat_channels, H, W)
+            want = (B, c.concat_channels, *S)
             if cond.concat is None or tuple(cond.concat.shape) != want:
                 got = None if cond.concat is None else tuple(cond.concat.shape)
                 raise DifflabError(f"UNet: expected cond.concat of shape {want}, got {got}")

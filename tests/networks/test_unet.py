@@ -236,19 +236,29 @@ class CountingProcessor:
     def __init__(self):
         self.calls: list[bool] = []
 
-    def __call__(self, module, q, k, v, mask):
+    def __call__(self, module, x, context, context_mask):
         self.calls.append(module.is_cross)
-        return SDPAProcessor()(module, q, k, v, mask)
+        return SDPAProcessor()(module, x, context, context_mask)
 
 
 class ManualProcessor:
-    """softmax(q k^T / sqrt(d)) v written out (Vaswani et al. 2017, eq. 1)."""
+    """The whole attention written out from the hidden states (Vaswani et al. 2017, eq. 1),
+    using only the module's weights: the contract gives a processor what it needs."""
 
-    def __call__(self, module, q, k, v, mask):
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return scores.softmax(dim=-1) @ v
+    def __call__(self, module, x, context, context_mask):
+        src = x if context is None else context
+        h, d = module.heads, module.head_dim
+        if module.is_cross:
+            q, kv = module.to_q(x), module.to_kv(src)
+            k, v = kv[..., :h * d], kv[..., h * d:]
+        else:
+            q, k, v = module.to_qkv(x).chunk(3, dim=-1)
+        q, k, v = (z.unflatten(-1, (h, d)).transpose(1, 2) for z in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+        if context_mask is not None:
+            scores = scores.masked_fill(~context_mask[:, None, None, :], float("-inf"))
+        out = torch.nan_to_num(scores.softmax(dim=-1)) @ v
+        return module.to_out(out.transpose(1, 2).flatten(2))
 
 
 def test_processor_is_called_by_every_attention_module():
