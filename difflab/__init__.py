@@ -1,6 +1,6 @@
 """difflab: the classic diffusion-model family in one coherent, tested PyTorch library."""
 
-from difflab.cond import Cond
+from difflab.cond import Cond, Control
 from difflab.denoiser import Denoiser, DenoiserBase, EDMPrecond, FnDenoiser
 from difflab.errors import DifflabError
 from difflab.paths import EDM, GVP, VE, VP, GaussianPath, Linear, SubVP
@@ -15,6 +15,7 @@ __all__ = [
     "VE",
     "VP",
     "Cond",
+    "Control",
     "Denoiser",
     "DenoiserBase",
     "DifflabError",

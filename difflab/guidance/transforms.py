@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -51,16 +52,19 @@ def cfg(den: DenoiserBase, cond: Cond, null_cond: Cond, scale: float,
     output at fixed ``(x_t, t)`` and the weights sum to one, so ``x_t = alpha x0 + sigma eps``
     still holds and the combination is exact in every parameterization. Conditional and
     unconditional halves run in one batched call. ``null_cond`` is the empty condition (null
-    class, empty prompt) or a negative prompt. ``rescale`` in ``[0, 1]`` is the guidance rescale
-    of Lin et al. 2024 (Sec. 3.4, eq. 15-16), applied to the clean-data estimate: the guided
-    ``x0`` is scaled to the conditional one's per-sample standard deviation and mixed in with
-    weight ``rescale``.
+    class, empty prompt) or a negative prompt; control branches of ``cond`` (ControlNet) apply
+    to the unconditional half too unless ``null_cond`` has its own. ``rescale`` in ``[0, 1]``
+    is the guidance rescale of Lin et al. 2024 (Sec. 3.4, eq. 15-16), applied to the clean-data
+    estimate: the guided ``x0`` is scaled to the conditional one's per-sample standard
+    deviation and mixed in with weight ``rescale``.
     """
     scale = _check_scale(scale)
     if not 0.0 <= rescale <= 1.0:
         raise bad_value("rescale", rescale, "a number in [0, 1]")
     if cond is None or null_cond is None:
         raise DifflabError("cfg needs both cond and null_cond (use the null class / empty prompt)")
+    if cond.control and not null_cond.control:  # the control applies to both halves
+        null_cond = dataclasses.replace(null_cond, control=cond.control)
     both = Cond.cat([cond, null_cond])
     pair = den.bind(both)
     conditional = den.bind(cond)

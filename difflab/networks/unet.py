@@ -12,14 +12,14 @@ The file reads top to bottom: the configuration, the model, then its size preset
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.cond import Cond
+from difflab.cond import Cond, Control
 from difflab.errors import DifflabError, bad_value
 from difflab.networks.attention import AttentionBlock, SpatialTransformer
 from difflab.networks.layers import (
@@ -168,9 +168,10 @@ class UNet(EncoderTrunk):
     Skip features are, in order: the output of ``conv_in``, then the output of every
     encoder block (residual block + attention, or downsampling), shallowest first; there
     are ``num_skips = 1 + len(channel_mult) * (num_res_blocks + 1) - 1`` of them.
-    ``cond.control`` (ControlNet, Zhang et al. 2023 sec. 3.2) must hold
-    ``num_skips + 1`` tensors: ``control[i]`` is added to skip ``i`` before it is
-    concatenated in the decoder, and ``control[-1]`` to the output of the middle block.
+    ``cond.control`` (ControlNet, Zhang et al. 2023 sec. 3.2) holds control branches
+    (:class:`~difflab.cond.Control`), run at every call from ``(x, t, hint, cond)``; each
+    returns ``num_skips + 1`` residuals: ``r[i]`` is added (times its scale) to skip ``i``
+    before it is concatenated in the decoder, and ``r[-1]`` to the middle block's output.
 
     Args:
         config: the hyper-parameters.
@@ -269,8 +270,10 @@ class UNet(EncoderTrunk):
             emb = emb + self.label_emb(labels)  # (B, E)
         emb = F.silu(emb)  # (B, E), the SiLU that opens every ResBlock's projection
         h, skips = self.run_trunk(x, emb, context, mask)  # (B, ch_mid, H / f, W / f), skips
-        if control is not None:
-            skips, h = _add_control(skips, h, control)  # same shapes, ControlNet residuals added
+        if control:
+            inner = replace(cond, control=None)
+            for c in control:  # ControlNet residuals of this x_t, added to skips and middle
+                skips, h = _add_control(skips, h, c.branch(x, t, c.hint, inner), c.scale)
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, mask)  # (B, ch_i, ...)
         return self.out_conv(silu_(self.out_norm(h)))  # (B, C_out, H, W)
@@ -289,11 +292,13 @@ class UNet(EncoderTrunk):
                 raise DifflabError(f"UNet: expected cond.concat of shape {want}, got {got}")
         elif cond.concat is not None:
             raise DifflabError("UNet: cond.concat given but the model has concat_channels=0")
-        if cond.control is not None and len(cond.control) != self.num_skips + 1:
-            raise DifflabError(
-                f"UNet: expected {self.num_skips + 1} control residuals "
-                f"({self.num_skips} skips + the middle block), got {len(cond.control)}"
-            )
+        if cond.control is not None:
+            for c in cond.control:
+                if not isinstance(c, Control) or c.hint.shape[0] != B:
+                    got = type(c).__name__ if not isinstance(c, Control) else (
+                        f"a hint of batch {c.hint.shape[0]}")
+                    raise DifflabError(f"UNet: cond.control must hold difflab.Control branches "
+                                       f"with hints of batch {B}, got {got}")
         return t, labels, context, mask, cond.concat, cond.control
 
     def _check_labels(self, labels: Tensor | None, B: int, device: torch.device) -> Tensor | None:
@@ -347,17 +352,22 @@ class UNet(EncoderTrunk):
 
 
 def _add_control(
-    skips: list[Tensor], h: Tensor, control: list[Tensor]
+    skips: list[Tensor], h: Tensor, residuals: list[Tensor], scale: float
 ) -> tuple[list[Tensor], Tensor]:
-    """Add ControlNet residuals: ``control[i]`` to skip ``i``, ``control[-1]`` to ``h``."""
-    for i, (feat, r) in enumerate(zip([*skips, h], control)):
+    """Add one branch's residuals: ``scale * r[i]`` to skip ``i``, ``scale * r[-1]`` to ``h``."""
+    if len(residuals) != len(skips) + 1:
+        raise DifflabError(
+            f"UNet: expected {len(skips) + 1} control residuals ({len(skips)} skips + the "
+            f"middle block), got {len(residuals)}"
+        )
+    for i, (feat, r) in enumerate(zip([*skips, h], residuals)):
         if r.shape != feat.shape:
             name = "the middle block" if i == len(skips) else f"skip {i}"
             raise DifflabError(
-                f"UNet: control[{i}] must match {name}: expected shape {tuple(feat.shape)}, "
-                f"got {tuple(r.shape)}"
+                f"UNet: control residual {i} must match {name}: expected shape "
+                f"{tuple(feat.shape)}, got {tuple(r.shape)}"
             )
-    return [s + r for s, r in zip(skips, control)], h + control[-1]
+    return [s + scale * r for s, r in zip(skips, residuals)], h + scale * residuals[-1]
 
 
 # Size presets. ``tiny`` is for tests, ``small`` for CPU training at 28-32 px, ``base``

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difflab.cond import Cond
+from difflab.cond import Cond, Control
 from difflab.errors import DifflabError
 from difflab.networks import (
     Attention,
@@ -124,11 +124,15 @@ def test_control_residuals_are_added_to_skips_and_middle():
         h.remove()
     assert model.num_skips == len(skips) == 4
     zeros = [torch.zeros_like(s) for s in [*skips, mid[0]]]
-    torch.testing.assert_close(model(x, t, Cond(control=zeros)), base)
+
+    def fixed(residuals):
+        return Control(lambda x, t, hint, cond: residuals, hint=torch.zeros(2, 1))
+
+    torch.testing.assert_close(model(x, t, Cond(control=[fixed(zeros)])), base)
     for i in range(len(zeros)):  # each residual reaches the output
         control = [z.clone() for z in zeros]
         control[i] += 1.0
-        assert not torch.allclose(model(x, t, Cond(control=control)), base)
+        assert not torch.allclose(model(x, t, Cond(control=[fixed(control)])), base)
 
 
 # --- initialisation and gradients ---------------------------------------------------------
@@ -362,6 +366,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"expected t of shape \(2,\)"):
         plain(x, torch.ones(3))
     with pytest.raises(ValueError, match="expected 5 control residuals"):
+        plain(x, t, Cond(control=[Control(lambda *a: [torch.zeros(1)], torch.zeros(2, 1))]))
+    with pytest.raises(ValueError, match="difflab.Control"):
         plain(x, t, Cond(control=[torch.zeros(1)]))
 
     labelled = UNet(tiny(num_classes=4))
