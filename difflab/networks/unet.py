@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.components import DataSpec, Family, register_family
 from difflab.cond import Cond, Control
 from difflab.errors import DifflabError, bad_value
 from difflab.networks.attention import AttentionBlock, SpatialTransformer
@@ -399,3 +400,29 @@ PRESETS: dict[str, UNetConfig] = {
         dropout=0.1,
     ),
 }
+
+
+# ----- the registry entry ------------------------------------------------------------------------
+def _reads(c: UNetConfig) -> frozenset[str]:
+    fields = {"control"}
+    fields |= {"labels"} if c.num_classes is not None else set()
+    fields |= {"context", "context_mask"} if c.context_dim is not None else set()
+    fields |= {"concat"} if c.concat_channels else set()
+    return frozenset(fields)
+
+
+def _from_data(d: DataSpec) -> dict[str, Any]:
+    """Image size and channels from the data (output channels = input channels), classes and
+    context width from the task (None when it does not condition on them)."""
+    out: dict[str, Any] = {"num_classes": d.num_classes, "context_dim": d.context_dim}
+    if d.image_size is not None:
+        out["image_size"] = d.image_size
+    if d.channels is not None:
+        out["in_channels"] = out["out_channels"] = d.channels
+    return out
+
+
+FAMILY = register_family(Family(
+    name="unet", config=UNetConfig, build=UNet, kind="denoiser", presets=PRESETS,
+    default_preset="small", conditioning=_reads, resolve=_from_data,
+    doc="the ADM / LDM U-Net (DDPM, iDDPM, ADM, LDM): class, text, concat and control inputs"))
