@@ -31,8 +31,7 @@ import torch.nn.functional as F
 
 from difflab.data import build_dataset, save_image_grid
 from difflab.evaluation import fid_from_features, get_extractor
-from difflab.training import generate, load_run
-from difflab.training.guided import guided_inputs
+from difflab.sampling import SampleRequest, generate, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,10 +85,9 @@ def main() -> None:
 
     def one(kind: str, scale: float, guidance: str) -> None:
         start = time.perf_counter()
-        cond, null, guide = guided_inputs(run, n, guidance, labels=want)
-        x = generate(run.denoiser, run.sample_shape, n, sampler=args.sampler, steps=args.steps,
-                     seed=0, batch_size=250, cond=cond, null_cond=null, guide=guide,
-                     clip_x0=True)
+        x = generate(SampleRequest(run, sampler=args.sampler, steps=args.steps, n=n, seed=0,
+                                   batch_size=250, guidance=guidance or "none", labels=want,
+                                   clip_x0=True)).images
         row = {"scale": scale, **judge(ext, x, want, real_feats),
                "seconds": time.perf_counter() - start}
         results[kind].append(row)

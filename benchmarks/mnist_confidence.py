@@ -36,7 +36,7 @@ import torch
 from difflab.data import build_dataset, save_image_grid
 from difflab.demo import CONFIDENCE
 from difflab.evaluation import get_extractor
-from difflab.training import generate, load_run
+from difflab.sampling import SampleRequest, generate, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,11 +103,9 @@ def main() -> None:
         for spec in args.samplers.split(","):
             name, steps = spec.split(":")
             start = time.perf_counter()
-            x = generate(run.denoiser, run.sample_shape, args.n, sampler=name, steps=int(steps),
-                         seed=args.seed, batch_size=250, clip_x0=clip,
-                         options=(dict(run.config.sample.options)
-                                  if name == run.config.sample.sampler else None),
-                         progress=f"{name} {steps}")
+            x = generate(SampleRequest(run, sampler=name, steps=int(steps), n=args.n,
+                                       seed=args.seed, batch_size=250, clip_x0=clip,
+                                       guidance="none", progress=f"{name} {steps}")).images
             score(name, steps, x, time.perf_counter() - start)
     (out / "confidence.json").write_text(json.dumps(results, indent=2))
     lines = [f"Run {args.run} (step {run.step}); judge mnist-lenet "

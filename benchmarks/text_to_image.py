@@ -31,9 +31,7 @@ import torch
 
 from difflab.data import build_dataset, save_image_grid
 from difflab.guidance import alignment_score
-from difflab.networks.text import load_text_encoder
-from difflab.training import generate, load_run
-from difflab.training.guided import guided_inputs
+from difflab.sampling import SampleRequest, generate, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 TONES = ("light", "medium-light", "medium", "medium-dark", "dark")
@@ -82,15 +80,15 @@ def main() -> None:
             real_idx.append(i)
     held, real_idx = held[:args.n], real_idx[:args.n]
     n = len(held)
-    enc = load_text_encoder(run.config.model.text_encoder, run.config.model.text_max_length)
+    enc = run.conditioner.encoder
     text = enc.sentence(held)
     judge = clip.denoiser
 
     def sample(prompts, guidance, seed=0):
-        cond, null, guide = guided_inputs(run, len(prompts), guidance, prompts=prompts)
-        return generate(run.denoiser, run.sample_shape, len(prompts), sampler=args.sampler,
-                        steps=args.steps, seed=seed, batch_size=100, cond=cond,
-                        null_cond=null, guide=guide, clip_x0=True).clamp(-1, 1)
+        return generate(SampleRequest(run, sampler=args.sampler, steps=args.steps,
+                                      n=len(prompts), seed=seed, batch_size=100,
+                                      guidance=guidance or "none", prompts=prompts,
+                                      clip_x0=True)).images.clamp(-1, 1)
 
     start = time.perf_counter()
     x_c = sample(held, args.guidance)
@@ -120,11 +118,12 @@ def main() -> None:
     for scale in (float(v) for v in args.sdg_scales.split(",") if v):
         from difflab.guidance import sdg
 
-        null, _, _ = guided_inputs(run, n, None, prompts=[""] * n)
-        x = generate(run.denoiser, run.sample_shape, n, sampler=args.sampler, steps=args.steps,
-                     seed=0, batch_size=n, cond=null, clip_x0=True,
-                     guide=lambda den, c, nc, s=scale: sdg(den.bind(c), judge, text_emb=text,
-                                                           kind="text", scale=s)).clamp(-1, 1)
+        def guide(den, c, nc, s=scale):
+            return sdg(den.bind(c), judge, text_emb=text, kind="text", scale=s)
+
+        x = generate(SampleRequest(run, sampler=args.sampler, steps=args.steps, n=n, seed=0,
+                                   batch_size=n, prompts=[""] * n, guidance=guide,
+                                   clip_x0=True)).images.clamp(-1, 1)
         row = {"scale": scale, "alignment": mean_se(alignment_score(judge, x, text))}
         res["sdg_text"].append(row)
         print(f"SDG text guidance of the unconditional branch, scale {scale:g}: "

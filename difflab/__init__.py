@@ -27,3 +27,24 @@ __all__ = [
     "SubVP",
     "__version__",
 ]
+
+# The application layer, imported on first use (``import difflab`` stays light).
+_LAZY = {
+    "build": "difflab.components", "save": "difflab.components", "load": "difflab.components",
+    "register_family": "difflab.components", "families": "difflab.components",
+    "Family": "difflab.components", "DataSpec": "difflab.components",
+    "SampleRequest": "difflab.sampling", "Samples": "difflab.sampling",
+    "generate": "difflab.sampling", "load_run": "difflab.sampling",
+    "LoadedRun": "difflab.sampling", "register_task": "difflab.tasks",
+}
+__all__ += sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'difflab' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""The ``difflab`` command: ``train``, ``sample``, ``demo`` (and whatever other modules register).
+"""The ``difflab`` command: ``train``, ``sample``, ``demo``, ``eval``, ``compare``, ``export``,
+``upgrade``, ``families`` (and whatever other modules register).
 
 Each command is a ``register(subparsers)`` function that adds its sub-parser and sets
 ``func`` to a function ``(args) -> int``; add one to :data:`COMMANDS` (or call
@@ -83,8 +84,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from accelerate.utils import broadcast_object_list
 
     from difflab.config import load_config
+    from difflab.tasks import make_task
     from difflab.training import Trainer, make_accelerator
-    from difflab.training.sampling import CONFIG_FILE
+    from difflab.training.trainer import CONFIG_FILE
 
     if args.config is None and args.resume is None:
         raise DifflabError("train needs a CONFIG (or --resume RUN to continue a run)")
@@ -98,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise DifflabError(f"--resume {args.resume}: {config} does not exist (not a run "
                                "folder?)")
     _threads(args.threads)
-    cfg = load_config(config, args.overrides)
+    cfg = load_config(config, args.overrides, upgrade=args.config is None)
     acc = make_accelerator(cfg)
     run_dir = args.resume or args.out
     if run_dir is None:  # decided once, on the main process
@@ -106,7 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if acc.num_processes > 1:
             broadcast_object_list(name)
         run_dir = name[0]
-    trainer = Trainer(cfg, run_dir, resume=args.resume is not None, accelerator=acc,
+    task = make_task(cfg, device=acc.device, accelerator=acc)
+    trainer = Trainer(task, run_dir, resume=args.resume is not None, accelerator=acc,
                       progress=args.progress)
     time_limit = args.minutes * 60 if args.minutes is not None else None
     result = trainer.fit(time_limit)
@@ -167,34 +170,23 @@ def register_sample(sub: argparse._SubParsersAction) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.data import save_image_grid
-    from difflab.training import generate, load_run
-    from difflab.training.guided import guided_inputs
+    from difflab.sampling import SampleRequest, generate, load_run
 
+    if args.n is not None and args.n < 1:
+        raise bad_value("--n", args.n, "a positive number of samples")
     run = load_run(args.run, checkpoint=args.checkpoint, ema=args.ema, device=args.device)
-    s = run.config.sample
-    n = args.n if args.n is not None else s.n
-    if n < 1:
-        raise bad_value("--n", n, "a positive number of samples")
-    options = dict(s.options) if args.sampler in (None, s.sampler) else {}
-    options.update(_kv(o) for o in args.options)
-    grid_options = dict(s.grid_options) if args.grid in (None, s.grid) else {}
-    grid_options.update(_kv(o) for o in args.grid_options)
-    if run.config.model.arch != "unet":
-        raise DifflabError(f"{args.run} is a model.arch={run.config.model.arch!r} run: it does "
+    if not run.generative:
+        raise DifflabError(f"{args.run} is a task.kind={run.config.task.kind!r} run: it does "
                            "not generate images (use it with --guidance classifier:RUN:S)")
-    if args.negative_prompt is not None and not args.guidance and not s.guidance:
-        raise DifflabError("--negative-prompt needs classifier-free guidance: add "
-                           "--guidance cfg:SCALE")
-    cond, null, guide = guided_inputs(run, n, args.guidance or s.guidance, labels=args.label,
-                                      prompts=args.prompt, negative_prompt=args.negative_prompt)
-    sampler = args.sampler or s.sampler
-    steps = args.steps or s.steps
-    x = generate(run.denoiser, run.sample_shape, n, sampler=sampler, steps=steps,
-                 grid=args.grid or s.grid, grid_options=grid_options, options=options,
-                 seed=args.seed if args.seed is not None else s.seed,
-                 batch_size=args.batch_size or s.batch_size, cond=cond, null_cond=null,
-                 guide=guide,
-                 clip_x0=s.clip_x0 if args.clip_x0 is None else args.clip_x0).clamp(-1, 1)
+    request = SampleRequest(
+        run, sampler=args.sampler, steps=args.steps, grid=args.grid,
+        grid_options=dict(_kv(o) for o in args.grid_options),
+        options=dict(_kv(o) for o in args.options), guidance=args.guidance,
+        labels=args.label, prompts=args.prompt, negative_prompt=args.negative_prompt,
+        seed=args.seed, n=args.n, batch_size=args.batch_size, clip_x0=args.clip_x0,
+        device=args.device)
+    out = generate(request)
+    x, n, st = out.images.clamp(-1, 1), out.images.shape[0], out.metadata
     if args.out:
         where = save_image_grid(x, args.out, nrow=args.nrow or math.ceil(math.sqrt(n)))
     else:
@@ -202,8 +194,87 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for i in range(n):
             save_image_grid(x[i:i + 1], where / f"sample_{i:05d}.png", padding=0)
     weights = "EMA" if args.ema else "raw"
-    print(f"wrote {n} samples ({sampler}, {steps} steps, {weights} weights of "
-          f"{run.checkpoint.name}) to {where}", file=sys.stderr)
+    print(f"wrote {n} samples ({st['sampler']}, {st['steps']} steps, {out.nfe} NFE, {weights} "
+          f"weights of {run.checkpoint.name}) to {where}", file=sys.stderr)
+    return 0
+
+
+# ----- export / upgrade --------------------------------------------------------------------------
+def register_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a run's EMA model as a self-describing component folder",
+        description="Write the EMA weights of a run's checkpoint as OUT/config.json (family, "
+        "layout version, full network config, and the run's config as metadata) + "
+        "OUT/model.safetensors. difflab.load(OUT) rebuilds the network without the run; "
+        "difflab sample OUT samples it.",
+        epilog="example:\n  difflab export runs/digits exported/digits",
+        formatter_class=HelpFormatter)
+    p.add_argument("run", metavar="RUN", help="the run folder (or a checkpoint folder in it)")
+    p.add_argument("out", metavar="OUT", help="the component folder to write")
+    p.add_argument("--checkpoint", metavar="step_N", help="which checkpoint (default: latest)")
+    p.add_argument("--raw", action="store_true", help="export the raw trained weights, not the "
+                   "EMA")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from difflab.components import save
+    from difflab.config import config_to_toml
+    from difflab.sampling import load_run
+
+    run = load_run(args.run, checkpoint=args.checkpoint, ema=not args.raw)
+    if run.checkpoint is not None and not run.checkpoint.name.startswith("step_"):
+        raise DifflabError(f"{args.run} is already a component folder")
+    meta = {"run_config": config_to_toml(run.config), "step": str(run.step),
+            "source": str(run.checkpoint), "weights": "raw" if args.raw else "ema"}
+    where = save(run.net, args.out, metadata=meta)
+    print(f"wrote {where} (family {run.config.model.arch!r}, step {run.step})", file=sys.stderr)
+    return 0
+
+
+def register_upgrade(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "upgrade", help="convert a version-1 config file or run folder to the current layout",
+        description="Rewrite a config file (or a run folder's config.toml) written before "
+        "component families and training tasks into the version-2 layout ([task], "
+        "[text_encoder]); the old file is kept beside it as NAME.v1. Run folders also load "
+        "without it (converted in memory); weights of older layouts are converted when loaded.",
+        epilog="example:\n  difflab upgrade runs/old_run\n  difflab upgrade my.toml --dry-run",
+        formatter_class=HelpFormatter)
+    p.add_argument("target", metavar="RUN|FILE", help="a run folder or a TOML config")
+    p.add_argument("--dry-run", action="store_true", help="print the converted TOML only")
+    p.set_defaults(func=cmd_upgrade)
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from difflab.upgrade import upgrade_file
+
+    file, text = upgrade_file(args.target, dry_run=args.dry_run)
+    if args.dry_run:
+        print(text, end="")
+    else:
+        print(f"converted {file} (the old file is {file.name}.v1)", file=sys.stderr)
+    return 0
+
+
+def register_families(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("families", help="list the registered component families and tasks",
+                       description="The component families ([model] arch = NAME) with their "
+                       "kind, presets and fields, and the training tasks ([task] kind).")
+    p.set_defaults(func=cmd_families)
+
+
+def cmd_families(args: argparse.Namespace) -> int:
+    from difflab.components import families
+    from difflab.tasks import TASKS, get_task
+
+    get_task("diffusion")  # loads the built-in tasks
+    for name, fam in sorted(families().items()):
+        presets = ", ".join(sorted(fam.presets)) or "-"
+        print(f"{name}  [{fam.kind}]  {fam.doc}\n  presets: {presets}\n  fields: "
+              f"{', '.join(fam.fields())}")
+    print("tasks: " + ", ".join(f"{k} ({', '.join(v.family_kinds)})"
+                                for k, v in sorted(TASKS.items())))
     return 0
 
 
@@ -253,7 +324,8 @@ def register_evaluation(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
-COMMANDS: list[Register] = [register_train, register_sample, register_demo, register_evaluation]
+COMMANDS: list[Register] = [register_train, register_sample, register_demo, register_evaluation,
+                            register_export, register_upgrade, register_families]
 
 
 def add_command(register: Register) -> Register:

@@ -74,6 +74,13 @@ class DataSpec:
     text_dim: int | None = None
 
 
+def image_shape(config: Any) -> tuple[int, ...]:
+    """``(in_channels, image_size, ...)`` with ``dims`` (default 2) spatial sides: the input of
+    the built-in image families."""
+    dims = getattr(config, "dims", 2)
+    return (config.in_channels, *([config.image_size] * dims))
+
+
 def _no_data(spec: DataSpec) -> dict[str, Any]:
     return {}
 
@@ -102,6 +109,10 @@ class Family:
         scale_attention: a preset keeps attention at the same levels when ``image_size`` alone
             is overridden (``attention_resolutions`` scaled with it).
         pretrained: the module loads its own weights when built (a frozen text encoder).
+        input_shape: ``input_shape(config) -> shape`` of one input without the batch (None:
+            not an image network).
+        learned_variance: ``learned_variance(config)``: the output carries iDDPM's variance
+            channels beside the prediction.
         doc: one line for ``difflab families`` and errors.
     """
 
@@ -117,6 +128,8 @@ class Family:
     upgrade_weights: Callable[[dict, Any, int], dict] | None = None
     scale_attention: bool = True
     pretrained: bool = False
+    input_shape: Callable[[Any], tuple[int, ...]] | None = None
+    learned_variance: Callable[[Any], bool] = lambda config: False
     doc: str = ""
 
     # ----- configs ---------------------------------------------------------------------------
@@ -161,6 +174,9 @@ class Family:
         def make():
             if name is None:
                 return self.config(**checked)
+            base = self.presets[name]
+            if not hasattr(base, "attention_resolutions"):
+                return dataclasses.replace(base, **checked)
             from difflab.networks.layers import preset_config
 
             return preset_config(self.config, self.presets, name, checked,

@@ -28,7 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SECTIONS = ("path", "model", "objective", "data", "train", "sample")
+SECTIONS = ("path", "model", "task", "objective", "data", "train", "sample", "text_encoder")
 
 
 class Section(BaseModel):
@@ -90,79 +90,58 @@ def path_params(kind: str) -> list[str]:
     return list(inspect.signature(_path_constructors()[kind]).parameters)
 
 
-# ----- [model] ---------------------------------------------------------------------------------
-class ModelConfig(Section):
-    """The network and how its output is read.
+# ----- [model] and the other family sections -------------------------------------------------
+class FamilySection(BaseModel):
+    """A section naming a component family (``arch``) with its fields as the other keys, checked
+    against the family's config dataclass by :func:`difflab.components.get_family` (the family's
+    own schema: this module holds no copy of any network's fields)."""
 
-    ``preset`` is a :class:`~difflab.networks.UNetConfig` size; the U-Net fields below override
-    it. ``image_size``, ``in_channels`` and ``num_classes`` come from the dataset (the saved
-    ``config.toml`` of a run holds them resolved). Unless given, the preset's attention
-    resolutions are scaled from its own ``image_size`` to the data's.
-    """
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    arch: Literal["unet", "classifier", "alignment"] = "unet"
-    preset: str = "small"
+    arch: str = "unet"
+    preset: str | None = None
+
+    def values(self) -> dict[str, Any]:
+        """The family fields given (every key but ``arch`` and ``preset``)."""
+        return dict(self.model_extra or {})
+
+
+class TextEncoderSection(BaseModel):
+    """``[text_encoder]``: the frozen text encoder (family ``text_encoder``): ``name``
+    (``minilm``, a local ``transformers`` folder) and ``max_length``."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    def values(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TaskConfig(Section):
+    """``[task]``: what is trained (:mod:`difflab.tasks`): ``kind`` names a registered training
+    task (``diffusion``, ``classifier``, ``contrastive``). The diffusion task reads the rest:
+    ``prediction`` (what the network outputs), ``precond`` / ``sigma_data`` (EDM's input and
+    output scalings), ``cond`` (``none``, ``class``: labels with a null class, ``text``:
+    captions through ``[text_encoder]``) and ``p_uncond`` (condition dropout for
+    classifier-free guidance, Ho & Salimans 2022, Alg. 1)."""
+
+    kind: str = "diffusion"
     prediction: Literal["eps", "x0", "v", "score", "velocity"] = "eps"
-    learned_variance: bool = False
     precond: Literal["none", "edm"] = "none"
     sigma_data: float = Field(default=0.5, gt=0)
-    class_cond: bool = False
-    image_size: int | None = Field(default=None, ge=1)
-    in_channels: int | None = Field(default=None, ge=1)
-    num_classes: int | None = Field(default=None, ge=1)
-    model_channels: int | None = Field(default=None, ge=1)
-    channel_mult: list[int] | None = None
-    num_res_blocks: int | None = Field(default=None, ge=1)
-    attention_resolutions: list[int] | None = None
-    num_heads: int | None = Field(default=None, ge=1)
-    num_head_channels: int | None = None
-    dropout: float | None = Field(default=None, ge=0, lt=1)
-    resblock_updown: bool | None = None
-    use_scale_shift_norm: bool | None = None
-    context_dim: int | None = Field(default=None, ge=1)
-    transformer_depth: int | None = Field(default=None, ge=1)
-    concat_channels: int | None = Field(default=None, ge=0)
-    text_encoder: str | None = None
-    text_max_length: int | None = Field(default=None, ge=2)
-    embed_dim: int | None = Field(default=None, ge=1)
+    cond: Literal["none", "class", "text"] = "none"
+    p_uncond: float = Field(default=0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _check_arch(self) -> ModelConfig:
-        presets = arch_presets(self.arch)
-        if self.preset not in presets:
-            raise ValueError(f"model.preset={self.preset!r} is not a preset of arch="
-                             f"{self.arch!r}: expected one of {sorted(presets)}")
-        if self.class_cond and self.text_encoder:
-            raise ValueError("model.class_cond and model.text_encoder cannot both be set: "
-                             "choose class labels or text prompts")
-        if self.arch != "unet":
-            unet_only = [k for k in ("learned_variance", "class_cond", "concat_channels",
-                                     "context_dim", "transformer_depth")
-                         if getattr(self, k) not in (None, False)]
-            if unet_only:
-                raise ValueError(f"model.{unet_only[0]} applies to arch='unet' only, not "
-                                 f"arch={self.arch!r}")
-        if self.arch == "alignment" and not self.text_encoder:
-            raise ValueError("model.arch='alignment' needs model.text_encoder (e.g. 'minilm')")
-        if self.arch == "classifier" and self.text_encoder:
-            raise ValueError("model.text_encoder does not apply to arch='classifier'")
+    def _check_kind(self) -> TaskConfig:
+        from difflab.tasks import get_task
+
+        task = get_task(self.kind)
+        given = [k for k in self.model_fields_set if k != "kind" and k not in task.options
+                 and getattr(self, k) != type(self).model_fields[k].default]
+        if given:
+            raise ValueError(f"task.{sorted(given)[0]} does not apply to task kind "
+                             f"{self.kind!r}: it reads {', '.join(task.options) or 'no options'}")
         return self
-
-
-def arch_presets(arch: str) -> dict[str, Any]:
-    """The size presets of a network family."""
-    if arch == "classifier":
-        from difflab.networks.classifier import PRESETS
-    elif arch == "alignment":
-        from difflab.networks.alignment import PRESETS
-    else:
-        from difflab.networks.unet import PRESETS
-    return PRESETS
-
-
-UNET_OVERRIDES = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
-                  "num_heads", "num_head_channels", "dropout", "resblock_updown",
-                  "use_scale_shift_norm", "context_dim", "transformer_depth", "concat_channels")
 
 
 # ----- [objective] and [data]: fixed keys plus the options of what they name -------------------
@@ -190,12 +169,14 @@ def _unknown(dotted: str, key: str, accepted: list[str] | tuple[str, ...], what:
 class ObjectiveConfig(OpenSection):
     """``name`` of :data:`difflab.objectives.OBJECTIVES` plus its options (``target``, ...)."""
 
-    name: str = "denoising"
+    name: str | None = None  # None: the task's default objective
 
     @model_validator(mode="after")
     def _check(self) -> ObjectiveConfig:
         from difflab.objectives import OBJECTIVES, objective_options
 
+        if self.name is None:
+            return self
         if self.name not in OBJECTIVES:
             raise ValueError(f"objective.name={self.name!r} is not valid: expected one of "
                              f"{', '.join(OBJECTIVES)}")
@@ -256,7 +237,6 @@ class TrainConfig(Section):
     grad_accum: int = Field(default=1, ge=1)
     ema_decay: float = Field(default=0.9999, ge=0, lt=1)
     ema_warmup: bool = True
-    p_uncond: float = Field(default=0.0, ge=0, lt=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = Field(default=100, ge=1)
     sample_every: int = Field(default=0, ge=0)
@@ -315,15 +295,59 @@ class SampleConfig(Section):
         return self
 
 
-class Config(Section):
-    """A whole run: every section has defaults, so ``Config()`` is valid."""
+CONFIG_VERSION = 2
 
+
+class Config(Section):
+    """A whole run: every section has defaults, so ``Config()`` is valid. ``version`` is the
+    layout of the file (1: before component families and tasks; :mod:`difflab.upgrade`
+    converts it)."""
+
+    version: int = CONFIG_VERSION
     path: PathConfig = Field(default_factory=PathConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: FamilySection = Field(default_factory=FamilySection)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    text_encoder: TextEncoderSection | None = None
+
+    @model_validator(mode="after")
+    def _check_parts(self) -> Config:
+        """``[model]``'s family is one the task trains and its keys are that family's; the
+        objective is one the task can optimise (default: the task's own)."""
+        from difflab.components import get_family
+        from difflab.tasks import get_task
+
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"version={self.version}: this difflab reads config version "
+                             f"{CONFIG_VERSION}; convert older files with difflab upgrade FILE")
+        task = get_task(self.task.kind)
+        try:
+            fam = get_family(self.model.arch, task.family_kinds, "model")
+            values = fam.check_values(self.model.values(), "model")
+            if self.model.preset is not None and self.model.preset not in fam.presets:
+                raise DifflabError(f"model.preset={self.model.preset!r} is not a preset of "
+                                   f"family {fam.name!r}: expected one of {sorted(fam.presets)}")
+            # the values themselves, at the data's size when [data] names one (the task fills
+            # the other data-decided fields when it is built)
+            if self.data.image_size is not None and "image_size" in fam.fields():
+                values.setdefault("image_size", self.data.image_size)
+            fam.make_config(values, preset=self.model.preset, section="model")
+            if self.text_encoder is not None:
+                get_family("text_encoder").check_values(self.text_encoder.values(),
+                                                        "text_encoder")
+        except DifflabError as e:
+            raise ValueError(str(e)) from None
+        name = self.objective.name or task.default_objective
+        if name not in task.objectives:
+            raise ValueError(f"objective.name={name!r} does not train task kind "
+                             f"{self.task.kind!r}: expected one of {', '.join(task.objectives)}")
+        if self.objective.name is None:  # (no assignment: it would re-run this validator)
+            self.__dict__["objective"] = ObjectiveConfig(name=name, **self.objective.options())
+        task.check_config(self)
+        return self
 
 
 # ----- loading, overrides, saving ----------------------------------------------------------------
@@ -355,8 +379,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     return raw
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
-    """Validate a raw dict; errors become one :class:`DifflabError` naming every bad key."""
+def config_from_dict(raw: dict[str, Any], source: str = "config", upgrade: bool = False
+                     ) -> Config:
+    """Validate a raw dict; errors become one :class:`DifflabError` naming every bad key.
+
+    A version-1 dict (written before component families and tasks) is converted when
+    ``upgrade`` (a run folder's own config), else rejected with the command that converts it.
+    """
+    from difflab.upgrade import is_legacy, upgrade_config
+
+    if is_legacy(raw):
+        if not upgrade:
+            raise DifflabError(f"{source} uses the version-1 config layout (before [task] and "
+                               "component families): convert it with `difflab upgrade FILE` "
+                               "(it rewrites the file; --dry-run prints the result)")
+        raw = upgrade_config(raw)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
@@ -387,20 +424,31 @@ def _model_at(loc: list[str]) -> type[BaseModel] | None:
     return model
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()
-                ) -> Config:
-    """Read a TOML config (None: all defaults), apply ``--set`` overrides, validate."""
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML file as a raw dict (errors name the file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DifflabError(f"config file {p} does not exist")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise DifflabError(f"config file {p} is not valid TOML: {e}") from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                upgrade: bool = False) -> Config:
+    """Read a TOML config (None: all defaults), apply ``--set`` overrides, validate
+    (``upgrade``: convert a version-1 file in memory, as for a run folder's own config)."""
     raw: dict[str, Any] = {}
     source = "config"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise DifflabError(f"config file {p} does not exist")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise DifflabError(f"config file {p} is not valid TOML: {e}") from None
-        source = f"config {p}"
+        raw = read_toml(path)
+        source = f"config {path}"
+    if upgrade:
+        from difflab.upgrade import is_legacy, upgrade_config
+
+        if is_legacy(raw):
+            raw = upgrade_config(raw)
     return config_from_dict(apply_overrides(raw, overrides), source)
 
 

@@ -28,7 +28,8 @@ from difflab.config import load_config
 from difflab.data import Digits, make_grid
 from difflab.errors import DifflabError
 from difflab.samplers import SAMPLERS
-from difflab.training import generate, load_run, train
+from difflab.sampling import SampleRequest, generate, load_run
+from difflab.training import train
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ddpm_digits.toml"
 SAMPLER_PLAN = (("ddpm", 1000), ("ddim", 50), ("ddim", 10), ("dpmpp_2m", 10))
@@ -188,8 +189,8 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0,
     run = load_run(run_dir, ema=True)
     for sampler, steps in plan if plan is not None else sampler_plan():
         t0 = time.monotonic()
-        x = generate(run.denoiser, run.sample_shape, n, sampler=sampler, steps=steps,
-                     seed=cfg.sample.seed, batch_size=n, clip_x0=cfg.sample.clip_x0)
+        x = generate(SampleRequest(run, sampler=sampler, steps=steps, n=n, batch_size=n,
+                                   guidance="none")).images
         seconds = time.monotonic() - t0
         frac, hist = confident_fraction(judge.model, x)
         ratio = frac / max(judge.real_confident, 1e-9)

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from difflab.builders import (
-    build_dataset,
-    build_denoiser,
-    build_held_out,
-    build_model,
-    build_objective,
-    build_path,
-    resolve_data_fields,
-    unet_config,
-)
+from difflab.builders import build_dataset, build_held_out, build_objective, build_path
 from difflab.config import (
-    UNET_OVERRIDES,
     Config,
     apply_overrides,
     config_to_toml,
@@ -30,8 +19,8 @@ from difflab.config import (
 )
 from difflab.denoiser import EDMPrecond
 from difflab.errors import DifflabError
-from difflab.networks import UNetConfig
 from difflab.paths import EDM, GVP, VE, CosineVP, DiscreteVP, Linear, LinearVP, SubVP
+from difflab.tasks import make_task
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +34,8 @@ def error_of(overrides: list[str]) -> str:
 # ----- unknown keys and bad values --------------------------------------------------------------
 @pytest.mark.parametrize("item, key, allowed", [
     ("train.lrr=1e-3", "train.lrr", ["lr", "batch_size", "ema_decay"]),
-    ("model.chanels=3", "model.chanels", ["model_channels", "preset", "prediction"]),
+    ("model.chanels=3", "model.chanels", ["model_channels", "preset", "family 'unet'"]),
+    ("task.predction='v'", "task.predction", ["prediction", "p_uncond"]),
     ("sample.samplr='ddim'", "sample.samplr", ["sampler", "steps"]),
     ("trian.lr=1", "trian", ["train", "model", "path"]),
     ("objective.targt='v'", "objective.targt", ["target", "weighting", "time_sampler"]),
@@ -75,9 +65,13 @@ def test_path_parameter_of_another_kind_is_rejected_with_the_kinds_parameters():
     ("train.ema_decay=1.0", "train.ema_decay", "less than 1"),
     ("train.mixed_precision='fp8'", "train.mixed_precision", "'no', 'bf16' or 'fp16'"),
     ("train.adam_betas=[0.9, 1.5]", "train.adam_betas", "[0, 1)"),
-    ("model.prediction='noise'", "model.prediction", "'eps'"),
-    ("model.dropout=1.0", "model.dropout", "less than 1"),
+    ("task.prediction='noise'", "task.prediction", "'eps'"),
+    ("task.cond='label'", "task.cond", "'class'"),
+    ("task.kind='gan'", "task.kind", "diffusion"),
+    ("model.dropout=1.0", "model.dropout", "family 'unet'"),
+    ("model.num_res_blocks='two'", "model.num_res_blocks", "valid integer"),
     ("model.preset='huge'", "model.preset", "tiny"),
+    ("model.arch='resnet'", "model.arch", "unet"),
     ("path.N=0", "path.N", "greater than or equal to 1"),
     ("path.kind='vp'", "path.kind", "discrete_linear"),
     ("sample.sampler='nope'", "sample.sampler", "ddim"),
@@ -163,7 +157,8 @@ def test_saved_config_loads_back_equal(tmp_path):
     assert "null" not in config_to_toml(cfg) and not list(tmp_path.glob("run/.*tmp*"))
 
 
-@pytest.mark.parametrize("name", ["ddpm_digits", "ddpm_mnist", "iddpm_mnist"])
+@pytest.mark.parametrize("name", ["ddpm_digits", "ddpm_mnist", "iddpm_mnist", "cfg_mnist",
+                                  "classifier_mnist", "clip_emoji", "t2i_emoji"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.toml")
     assert cfg.train.steps >= 1
@@ -194,46 +189,68 @@ def test_build_path_passes_the_parameters(sets, cls, check):
 class FakeData:
     channels, image_size, num_classes = 1, 8, 10
 
+    def __len__(self) -> int:
+        return 4
+
 
 def test_model_fields_come_from_the_data_and_attention_scales():
-    cfg = resolve_data_fields(load_config(None, ["model.preset='tiny'"]), FakeData())
-    uc = unet_config(cfg)
+    task = make_task(load_config(None, ["model.preset='tiny'"]), dataset=FakeData())
+    uc = task.model_config
     # tiny: image_size 16 with attention at 8, so 8x8 data gets attention at 4
     assert (uc.image_size, uc.in_channels, uc.out_channels) == (8, 1, 1)
     assert uc.attention_resolutions == (4,) and uc.num_classes is None
-    cond = resolve_data_fields(load_config(None, ["model.preset='tiny'", "model.class_cond=true",
-                                                  "model.learned_variance=true"]), FakeData())
-    net = build_model(cond)
+    assert task.sample_shape == (1, 8, 8)
+    cond = make_task(load_config(None, ["model.preset='tiny'", "task.cond='class'",
+                                        "model.learn_sigma=true"]), dataset=FakeData())
+    net = cond.build_model()
     x = torch.zeros(2, 1, 8, 8)
     assert net(x, torch.zeros(2)).shape == (2, 2, 8, 8)  # mean and variance channels
-    assert net.config.num_classes == 10
+    assert net.config.num_classes == 10 and cond.wrap(net).learned_variance
+    # the run's config.toml holds every resolved field
+    assert cond.cfg.model.values()["num_classes"] == 10
+    assert cond.cfg.model.values()["attention_resolutions"] == [4]
 
 
 def test_model_field_that_disagrees_with_the_data_is_an_error():
     cfg = load_config(None, ["model.image_size=16"])
     with pytest.raises(DifflabError, match="model.image_size=16 does not match"):
-        resolve_data_fields(cfg, FakeData())
+        make_task(cfg, dataset=FakeData())
+
     class NoLabels(FakeData):
         num_classes = None
-    with pytest.raises(DifflabError, match="class_cond"):
-        resolve_data_fields(load_config(None, ["model.class_cond=true"]), NoLabels())
+    with pytest.raises(DifflabError, match="task.cond='class'"):
+        make_task(load_config(None, ["task.cond='class'"]), dataset=NoLabels())
 
 
-def test_unet_overrides_are_unet_fields():
-    fields = {f.name for f in dataclasses.fields(UNetConfig)}
-    assert set(UNET_OVERRIDES) <= fields
+def test_model_keys_are_checked_against_the_named_family():
+    msg = error_of(["task.kind='classifier'", "model.arch='classifier'", "model.learn_sigma=true"])
+    assert "model.learn_sigma: unknown key" in msg and "family 'classifier'" in msg
+    msg = error_of(["model.arch='classifier'", "task.kind='diffusion'"])  # it does not denoise
+    assert "model.arch='classifier'" in msg and "denoiser" in msg
+    msg = error_of(["task.kind='classifier'", "model.arch='classifier'", "task.prediction='v'"])
+    assert "task.prediction does not apply to task kind 'classifier'" in msg
+    assert "task.p_uncond" in error_of(["task.p_uncond=0.1"])  # nothing to drop
+    assert "text_encoder" in error_of(["text_encoder.name='minilm'"])  # no text task
+
+
+def test_version_1_configs_point_to_the_upgrade_command(tmp_path):
+    old = tmp_path / "old.toml"
+    old.write_text("[model]\nclass_cond = true\n")
+    with pytest.raises(DifflabError, match="difflab upgrade FILE"):
+        load_config(old)
+    assert load_config(old, upgrade=True).task.cond == "class"
 
 
 def test_build_denoiser_objective_and_dataset():
-    cfg = load_config(None, ["model.preset='tiny'", "model.precond='edm'",
-                             "model.sigma_data=0.3", "path.kind='edm'",
+    cfg = load_config(None, ["model.preset='tiny'", "task.precond='edm'",
+                             "task.sigma_data=0.3", "path.kind='edm'",
                              "objective.name='edm'", "data.holdout_fraction=0.5"])
     ds = build_dataset(cfg)
     held = build_dataset(cfg, split="test")
     assert len(ds) + len(held) == 1797 and abs(len(ds) - len(held)) < 20  # data.* reached it
     assert (ds.image_size, ds.channels) == (8, 1)
-    net = build_model(cfg, ds)
-    den = build_denoiser(cfg, net, build_path(cfg))
+    task = make_task(cfg, dataset=ds)
+    den = task.wrap(task.build_model())
     assert isinstance(den.precond, EDMPrecond) and den.precond.sigma_data == 0.3
     x0 = torch.zeros(3, 1, 8, 8)
     loss = build_objective(cfg)(den, x0, generator=torch.Generator().manual_seed(0))
@@ -260,3 +277,15 @@ def test_held_out_data_is_what_the_run_never_trained_on():
 
 def test_defaults_are_valid():
     assert Config() == load_config(None)
+
+
+@pytest.mark.parametrize("sets", [
+    ["task.kind='classifier'", "model.arch='classifier'", "model.preset='tiny'"],
+    ["task.cond='class'", "task.p_uncond=0.1", "model.preset='tiny'", "model.learn_sigma=true",
+     "objective.name='hybrid'"],
+])
+def test_a_resolved_run_config_loads_back_equal(sets, tmp_path):
+    task = make_task(load_config(None, sets), dataset=FakeData())
+    out = save_config(task.cfg, tmp_path / "config.toml")
+    assert load_config(out) == task.cfg
+    assert make_task(load_config(out), for_training=False).model_config == task.model_config

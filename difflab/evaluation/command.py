@@ -121,83 +121,60 @@ class EvalRun:
     run_dir: Path
     config: object
     denoiser: object
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]
     step: int
     num_classes: int | None
-    loaded: object = None  # the difflab.training.LoadedRun
+    loaded: object = None  # the difflab.sampling.LoadedRun
 
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None) -> EvalRun:
     """Load ``RUN/config.toml`` and the EMA weights of a checkpoint (default: latest), through
-    :func:`difflab.training.load_run`."""
-    from difflab.training import load_run as _load
+    :func:`difflab.sampling.load_run`."""
+    from difflab.sampling import load_run as _load
 
     run = _load(run_dir, checkpoint=checkpoint, ema=True)
-    m = run.config.model
-    classes = m.num_classes if getattr(m, "class_cond", False) else None
+    if not run.generative:
+        raise DifflabError(f"{run_dir} is a task.kind={run.config.task.kind!r} run: it does not "
+                           "generate images to evaluate")
+    c = run.conditioner
+    classes = c.num_classes if c.kind == "class" else None
     return EvalRun(Path(run_dir), run.config, run.denoiser, run.sample_shape, run.step, classes,
                    run)
 
 
-class _CountCalls:
-    """Counts the forward calls of a module (one per network evaluation: classifier-free
-    guidance evaluates both branches in one batched call)."""
+def request_for(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
+                progress: bool = False, clip_x0: bool | None = None):
+    """The :class:`~difflab.sampling.SampleRequest` of one setting: class-conditional runs
+    cycle through the classes, text runs through the configured prompts; the run's own
+    sampler keeps its ``sample.options`` and grid, as in ``difflab sample``."""
+    from difflab.sampling import SampleRequest
 
-    def __init__(self, module: torch.nn.Module | None) -> None:
-        self.calls = 0
-        self.handle = (module.register_forward_pre_hook(self._hook)
-                       if isinstance(module, torch.nn.Module) else None)
-
-    def _hook(self, *_) -> None:
-        self.calls += 1
-
-    def __enter__(self) -> _CountCalls:
-        return self
-
-    def __exit__(self, *_) -> None:
-        if self.handle is not None:
-            self.handle.remove()
+    return SampleRequest(run.loaded, sampler=setting.sampler, steps=setting.steps,
+                         grid=setting.grid, guidance=setting.spec or "none", n=n, seed=seed,
+                         batch_size=batch_size, clip_x0=clip_x0,
+                         progress=f"sampling {setting.slug}" if progress else None)
 
 
 def sampling_options(run: EvalRun, setting: Setting) -> tuple[dict, str, dict]:
-    """``(options, grid, grid_options)`` of a setting: the run's own sampler keeps its
-    configured options (e.g. iDDPM's ``variance="learned"``) and grid, as in `difflab sample`;
-    another sampler runs with its defaults."""
-    s = run.config.sample
-    options = dict(s.options) if setting.sampler == s.sampler else {}
-    grid = setting.grid or s.grid
-    grid_options = dict(s.grid_options) if grid == s.grid else {}
-    return options, grid, grid_options
+    """``(options, grid, grid_options)`` the request of a setting resolves to."""
+    from difflab.sampling import resolve_settings
+
+    st = resolve_settings(run.loaded, request_for(run, setting, 1, 0, 1))
+    return st["options"], st["grid"], st["grid_options"]
 
 
 @torch.no_grad()
 def generate(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
              progress: bool, clip_x0: bool | None = None,
              counts: dict | None = None) -> torch.Tensor:
-    """``n`` samples of one setting; sample ``i`` has its own noise stream (batch-invariant).
-    Class-conditional runs cycle through the classes, text runs through the configured
-    prompts; guidance as in ``difflab sample`` (:func:`difflab.training.guided.guided_inputs`).
-    ``clip_x0`` (None: the run's ``sample.clip_x0``) clips every clean-data estimate to [-1, 1],
-    as the run's own sampling does (DDPM / iDDPM's ``clip_denoised``); the run's own sampler
-    also keeps its ``sample.options`` and grid. ``counts["nfe"]``, when
-    given, receives the network evaluations per sample, counted (not computed from the step
-    count: warm-up steps, a final denoising step and adaptive step sizes all show)."""
-    from difflab.training.guided import guided_inputs
-    from difflab.training.sampling import generate as _generate
+    """``n`` samples of one setting through :func:`difflab.generate`, clamped to [-1, 1];
+    ``counts["nfe"]``, when given, receives the counted network evaluations per sample."""
+    from difflab.sampling import generate as _generate
 
-    cond, null, guide = guided_inputs(run.loaded, n, setting.spec)
-    options, grid, grid_options = sampling_options(run, setting)
-    with _CountCalls(getattr(run.denoiser, "net", None)) as counter:
-        x = _generate(run.denoiser, run.shape, n, sampler=setting.sampler, steps=setting.steps,
-                      grid=grid, grid_options=grid_options, options=options, seed=seed,
-                      batch_size=batch_size, cond=cond, null_cond=null, guide=guide,
-                      clip_x0=run.config.sample.clip_x0 if clip_x0 is None else clip_x0,
-                      progress=f"sampling {setting.slug}" if progress else None)
-    if counts is not None and counter.handle is not None:
-        batches = -(-n // batch_size)
-        per_sample = counter.calls / batches
-        counts["nfe"] = int(per_sample) if per_sample.is_integer() else round(per_sample, 2)
-    return x.float().clamp(-1, 1)
+    out = _generate(request_for(run, setting, n, seed, batch_size, progress, clip_x0))
+    if counts is not None and out.nfe is not None:
+        counts["nfe"] = out.nfe
+    return out.images.float().clamp(-1, 1)
 
 
 def cached_samples(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: int,
@@ -238,9 +215,7 @@ def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = Non
     except ImportError as e:
         return {"value": None, "note": f"difflab.likelihood unavailable ({e})"}
     x = real[:n]
-    from difflab.training.conditioning import Conditioner
-
-    cond_er = Conditioner(run.config)  # the unconditional likelihood: the null condition
+    cond_er = run.loaded.conditioner  # the unconditional likelihood: the null condition
     den = run.denoiser
     if cond_er.kind != "none":
         _, null = cond_er.make(x.shape[0], prompts=[""] if cond_er.kind == "text" else None)

@@ -19,6 +19,9 @@ from typing import Any
 
 from difflab.errors import DifflabError
 
+# the guidance kind of ``classifier:RUN:S`` (a guidance keyword, not a network family)
+CLASSIFIER = "classifier"
+
 FORMS = "'none', 'cfg:SCALE[:rescale=R][:interval=LO-HI]' or 'classifier:RUN:SCALE'"
 
 
@@ -85,7 +88,7 @@ def parse_guidance(text: str) -> GuidanceSpec:
                 raise DifflabError(f"guidance {text!r}: unknown cfg option {item!r}; cfg takes "
                                    "rescale=R and interval=LO-HI")
         return GuidanceSpec("cfg", scale, text=text, **opts)
-    if kind == "classifier":
+    if kind == CLASSIFIER:
         run, sep, scale = rest.rpartition(":")
         if not sep or not run:
             raise DifflabError(f"guidance {text!r}: expected classifier:RUN:SCALE (the run "

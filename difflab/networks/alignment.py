@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.components import DataSpec, Family, register_family
+from difflab.components import DataSpec, Family, image_shape, register_family
 from difflab.cond import Cond
 from difflab.errors import DifflabError, bad_value
 from difflab.networks.layers import (
@@ -266,4 +266,5 @@ FAMILY = register_family(Family(
     name="alignment", config=AlignmentConfig, build=AlignmentModel, kind="alignment",
     presets=PRESETS, default_preset="small", resolve=_from_data, version=2,
     upgrade_weights=_upgrade_weights, scale_attention=False,
+    input_shape=image_shape,
     doc="a noise-aware image-text alignment model (SDG's guide, CLIP-style)"))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.components import DataSpec, Family, register_family
+from difflab.components import DataSpec, Family, image_shape, register_family
 from difflab.cond import Cond
 from difflab.errors import DifflabError, bad_value
 from difflab.networks.attention import Attention, AttentionBlock
@@ -317,4 +317,5 @@ def _from_data(d: DataSpec) -> dict[str, Any]:
 FAMILY = register_family(Family(
     name="classifier", config=ClassifierConfig, build=NoisyClassifier, kind="classifier",
     presets=PRESETS, default_preset="small", resolve=_from_data,
+    input_shape=image_shape,
     doc="ADM's noise-aware classifier p(y | x_t, t) for classifier guidance"))

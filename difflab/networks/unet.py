@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.components import DataSpec, Family, register_family
+from difflab.components import DataSpec, Family, image_shape, register_family
 from difflab.cond import Cond, Control
 from difflab.errors import DifflabError, bad_value
 from difflab.networks.attention import AttentionBlock, SpatialTransformer
@@ -116,10 +116,10 @@ class UNetConfig:
             raise bad_value("num_classes", self.num_classes, "None or an int >= 1")
         if self.context_dim is not None and self.context_dim < 1:
             raise bad_value("context_dim", self.context_dim, "None or an int >= 1")
-        if self.concat_channels < 0 or not 0.0 <= self.dropout < 1.0:
-            raise bad_value(
-                "concat_channels/dropout", (self.concat_channels, self.dropout), "(>= 0, [0, 1))"
-            )
+        if self.concat_channels < 0:
+            raise bad_value("concat_channels", self.concat_channels, "an int >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad_value("dropout", self.dropout, "a probability in [0, 1)")
         if self.dims not in (1, 2, 3):
             raise bad_value("dims", self.dims, "1, 2 or 3 spatial dimensions")
         for mult in self.channel_mult:
@@ -425,4 +425,5 @@ def _from_data(d: DataSpec) -> dict[str, Any]:
 FAMILY = register_family(Family(
     name="unet", config=UNetConfig, build=UNet, kind="denoiser", presets=PRESETS,
     default_preset="small", conditioning=_reads, resolve=_from_data,
+    input_shape=image_shape, learned_variance=lambda c: c.learn_sigma,
     doc="the ADM / LDM U-Net (DDPM, iDDPM, ADM, LDM): class, text, concat and control inputs"))

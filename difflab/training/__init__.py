@@ -1,14 +1,14 @@
-"""Training: the ``accelerate`` trainer, EMA, atomic checkpoints, logs, and sampling from runs.
+"""Training: the ``accelerate`` trainer of a task's parts, EMA, atomic checkpoints, logs.
 
 Quick start::
 
+    import difflab
     from difflab.config import load_config
-    from difflab.training import train, load_run, generate
+    from difflab.training import train
 
     cfg = load_config("configs/ddpm_digits.toml", ["train.steps=200"])
     train(cfg, "runs/try")
-    run = load_run("runs/try")                       # EMA weights of the latest checkpoint
-    x = generate(run.denoiser, run.sample_shape, 16, sampler="ddim", steps=50)
+    out = difflab.generate(difflab.SampleRequest("runs/try", sampler="ddim", steps=50, n=16))
 """
 
 from difflab.training.checkpoint import (
@@ -26,7 +26,6 @@ from difflab.training.checkpoint import (
 from difflab.training.data import BatchOrder, mix_seed
 from difflab.training.ema import EMA
 from difflab.training.logging import MetricsLogger, read_metrics
-from difflab.training.sampling import LoadedRun, generate, load_run, sampling_grid
 from difflab.training.trainer import (
     Trainer,
     TrainingDiverged,
@@ -39,15 +38,12 @@ __all__ = [
     "EMA",
     "BatchOrder",
     "CheckpointError",
-    "LoadedRun",
     "MetricsLogger",
     "TrainResult",
     "Trainer",
     "TrainingDiverged",
     "check_compatible",
-    "generate",
     "list_checkpoints",
-    "load_run",
     "load_training_state",
     "load_weights",
     "make_accelerator",
@@ -56,7 +52,6 @@ __all__ = [
     "read_safetensors",
     "resolve_checkpoint",
     "resumable_checkpoint",
-    "sampling_grid",
     "save_checkpoint",
     "train",
     "verify_checkpoint",

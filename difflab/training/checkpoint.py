@@ -99,15 +99,36 @@ def _slow_hook(step: int) -> None:
             time.sleep(float(seconds))
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, model: dict[str, torch.Tensor],
-                    ema: dict[str, torch.Tensor], training_state: dict[str, Any],
-                    keep: int | None = None, metadata: dict[str, str] | None = None) -> Path:
+def part_files(name: str) -> tuple[str, str]:
+    """The weight files of a trainable part: ``model`` -> ``model.safetensors`` /
+    ``ema.safetensors``; another part ``P`` -> ``P.safetensors`` / ``P-ema.safetensors``."""
+    if name == "model":
+        return MODEL_FILE, EMA_FILE
+    return f"{name}.safetensors", f"{name}-ema.safetensors"
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model: dict[str, torch.Tensor] | None,
+                    ema: dict[str, torch.Tensor] | None, training_state: dict[str, Any],
+                    keep: int | None = None, metadata: dict[str, str] | None = None,
+                    parts: dict[str, tuple[dict, dict]] | None = None,
+                    part_metadata: dict[str, dict[str, str]] | None = None,
+                    frozen: dict[str, dict[str, str]] | None = None) -> Path:
     """Write ``root/step_N`` atomically, point ``root/latest`` at it, keep the last ``keep``.
+
+    ``model`` / ``ema`` are the weights of the part named ``model``; ``parts`` maps other
+    trainable parts to ``(weights, ema weights)`` (files :func:`part_files`), and
+    ``part_metadata`` adds safetensors metadata per part (its family and layout version).
+    ``frozen`` names the frozen parts the run used, ``{name: {"source": ..., "sha256": ...}}``:
+    recorded in the manifest, never copied.
 
     Raises:
         CheckpointError: when any weight is NaN or inf (a checkpoint is never written then).
     """
-    bad = non_finite(model) + [f"ema:{k}" for k in non_finite(ema)]
+    all_parts = dict(parts or {})
+    if model is not None:
+        all_parts = {"model": (model, ema if ema is not None else model), **all_parts}
+    bad = [k if name == "model" else f"{name}:{k}" for name, (w, e) in all_parts.items()
+           for k in non_finite(w) + [f"ema:{j}" for j in non_finite(e)]]
     if bad:
         raise CheckpointError(f"refusing to write checkpoint step_{step}: non-finite weights in "
                               f"{bad[:5]}{' ...' if len(bad) > 5 else ''}")
@@ -119,17 +140,25 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: dict[str, torch.T
         shutil.rmtree(tmp)
     tmp.mkdir()
     meta = {"format": "pt", "step": str(step), **(metadata or {})}
-    save_file(model, str(tmp / MODEL_FILE), metadata=meta)
-    _fsync_file(tmp / MODEL_FILE)
-    _slow_hook(step)
-    save_file(ema, str(tmp / EMA_FILE), metadata={**meta, "ema": "true"})
-    _fsync_file(tmp / EMA_FILE)
+    names = []
+    for i, (name, (weights, ema_weights)) in enumerate(all_parts.items()):
+        own = {**meta, **(part_metadata or {}).get(name, {})}
+        raw_file, ema_file = part_files(name)
+        save_file(weights, str(tmp / raw_file), metadata=own)
+        _fsync_file(tmp / raw_file)
+        if i == 0:
+            _slow_hook(step)
+        save_file(ema_weights, str(tmp / ema_file), metadata={**own, "ema": "true"})
+        _fsync_file(tmp / ema_file)
+        names += [raw_file, ema_file]
     torch.save(training_state, tmp / STATE_FILE)
     _fsync_file(tmp / STATE_FILE)
     files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-             for name in (MODEL_FILE, EMA_FILE, STATE_FILE)}
-    _fsync_write(tmp / MANIFEST_FILE, json.dumps({"step": step, "files": files}, indent=1)
-                 .encode())
+             for name in (*names, STATE_FILE)}
+    manifest: dict[str, Any] = {"step": step, "files": files, "parts": list(all_parts)}
+    if frozen:
+        manifest["frozen"] = frozen
+    _fsync_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     _fsync_dir(tmp)
     if final.exists():  # re-saving a step (e.g. the final step of a resumed run)
         old = root / f"step_{step}.tmp-old-{os.getpid()}"
@@ -260,6 +289,29 @@ def read_safetensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     except (_SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint file {file} is truncated or corrupt and cannot be "
                               f"read ({type(e).__name__}: {e})") from None
+
+
+def read_metadata(file: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file (its header only)."""
+    file = Path(file)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (_SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint file {file} is truncated or corrupt and cannot be "
+                              f"read ({type(e).__name__}: {e})") from None
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, or of a folder's files (names and contents, sorted): the content hash
+    that names a frozen part in a manifest."""
+    p = Path(path)
+    if p.is_file():
+        return _sha256(p)
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(str(f.relative_to(p)).encode() + b"\0" + _sha256(f).encode())
+    return h.hexdigest()
 
 
 def check_compatible(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

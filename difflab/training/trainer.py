@@ -28,36 +28,25 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from difflab.builders import (
-    build_dataset,
-    build_denoiser,
-    build_model,
-    build_objective,
-    build_path,
-    resolve_data_fields,
-    resolve_text_fields,
-)
-from difflab.cond import Cond
 from difflab.config import Config, save_config
 from difflab.data import save_image_grid
 from difflab.errors import DifflabError
 from difflab.training.checkpoint import (
-    EMA_FILE,
-    MODEL_FILE,
     STATE_FILE,
+    CheckpointError,
     list_checkpoints,
     load_training_state,
-    load_weights,
+    part_files,
     remove_partial,
     resumable_checkpoint,
     save_checkpoint,
     state_dict_cpu,
 )
-from difflab.training.conditioning import Conditioner, preview_inputs
 from difflab.training.data import BatchOrder, micro_batches, mix_seed
 from difflab.training.ema import EMA
 from difflab.training.logging import MetricsLogger, Progress
-from difflab.training.sampling import CONFIG_FILE, generate, sampling_grid
+
+CONFIG_FILE = "config.toml"
 
 logger = logging.getLogger("difflab.training")
 
@@ -100,10 +89,11 @@ def make_accelerator(cfg: Config, cpu: bool = False) -> Accelerator:
                        cpu=cpu, step_scheduler_with_optimizer=False)
 
 
-def _adamw(net: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with decay on tensors of rank >= 2 only (norm gains and biases are not decayed)."""
+def _adamw(modules: list[torch.nn.Module], cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over the trainable parts' parameters, with decay on tensors of rank >= 2 only
+    (norm gains and biases are not decayed)."""
     t = cfg.train
-    params = [p for p in net.parameters() if p.requires_grad]
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     kw = dict(lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
@@ -114,73 +104,84 @@ def _adamw(net: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 class Trainer:
-    """Train the model of a config into ``run_dir``.
+    """Train a task's parts into ``run_dir``.
 
     Args:
-        cfg: the run's configuration.
+        task: the :class:`~difflab.tasks.base.TrainingTask` (or a config, whose task is
+            built here on the accelerator's device).
         run_dir: the run folder (``config.toml``, ``checkpoints/``, ``samples/``, logs).
         resume: continue from the newest complete checkpoint in ``run_dir``.
         accelerator: an ``Accelerator`` (default: :func:`make_accelerator`).
         progress: show a progress bar (None: on a TTY only).
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False,
+    def __init__(self, task, run_dir: str | Path, resume: bool = False,
                  accelerator: Accelerator | None = None, progress: bool | None = None) -> None:
+        from difflab.tasks import make_task
+
+        cfg = task if isinstance(task, Config) else task.cfg
         self.acc = accelerator or make_accelerator(cfg)
+        if isinstance(task, Config):
+            task = make_task(cfg, device=self.acc.device, accelerator=self.acc)
+        self.task = task
+        task.conditioner.device = self.acc.device
         self.run_dir = Path(run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.progress_flag = progress
-        self.dataset = build_dataset(cfg)
-        self.cfg = resolve_text_fields(resolve_data_fields(cfg, self.dataset))
+        self.dataset = task.dataset
+        self.cfg = task.cfg
         t = self.cfg.train
         if not resume and list_checkpoints(self.ckpt_root):
             raise DifflabError(f"{self.run_dir} already holds checkpoints: continue it with "
                                f"--resume {self.run_dir}, or choose another --out")
         self.order = BatchOrder(len(self.dataset), t.seed, t.batch_size, t.grad_accum,
                                 self.acc.num_processes)
-        self.path = build_path(self.cfg)
-        self.objective = build_objective(self.cfg)
-        self.conditioner = self._conditioner()
-        if t.sample_every and self.cfg.model.arch != "unet":
-            raise DifflabError(f"train.sample_every={t.sample_every}: a model.arch="
-                               f"{self.cfg.model.arch!r} network does not generate images; set "
+        self.path = task.path
+        if t.sample_every and not task.generative:
+            raise DifflabError(f"train.sample_every={t.sample_every}: a task.kind="
+                               f"{self.cfg.task.kind!r} model does not generate images; set "
                                "train.sample_every=0")
         if t.sample_every:  # fail now, on every process, rather than at the first preview
+            from difflab.sampling import sampling_grid
+
             s = self.cfg.sample
             sampling_grid(self.path, s.steps, s.grid, s.grid_options)
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
             torch.manual_seed(mix_seed(t.seed, 0))
-            net = build_model(self.cfg).to(self.acc.device)
+            parts = task.build_trainable()
+        parts = {k: m.to(self.acc.device) for k, m in parts.items()}
         if t.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        self.ema = EMA(net, t.ema_decay, t.ema_warmup)
-        self.optimizer = _adamw(net, self.cfg)
+            parts = {k: m.to(memory_format=torch.channels_last) for k, m in parts.items()}
+        self.frozen = task.frozen_parts()
+        self.emas = {k: EMA(m, t.ema_decay, t.ema_warmup) for k, m in parts.items()}
+        self.optimizer = _adamw(list(parts.values()), self.cfg)
         warm = t.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.step = 0
         self.last_checkpoint: Path | None = None
         if resume:
-            self._resume(net)
-        self.net = net
-        self.model, self.prepared_optimizer = self.acc.prepare(net, self.optimizer)
-        self.den = build_denoiser(self.cfg, self.model, self.path, check_finite=False)
+            self._resume(parts)
+        self.parts = parts
+        prepared = self.acc.prepare(*parts.values(), self.optimizer)
+        self.prepared = dict(zip(parts, prepared[:-1]))
+        self.prepared_optimizer = prepared[-1]
 
-    def _conditioner(self) -> Conditioner:
-        """Class / caption conditioning; the main process encodes the captions into the cache
-        first, then the others read it."""
-        if not self.cfg.model.text_encoder:
-            return Conditioner(self.cfg, device=self.acc.device)
-        captions = getattr(self.dataset, "captions", None)
-        if captions is None:
-            raise DifflabError(f"model.text_encoder={self.cfg.model.text_encoder!r} needs "
-                               f"captions but dataset {self.cfg.data.name!r} has none: give "
-                               "data.captions (a TSV 'file<TAB>caption')")
-        with self.acc.main_process_first():
-            return Conditioner(self.cfg, captions, device=self.acc.device)
+    @property
+    def net(self) -> torch.nn.Module:
+        """The trainable part named ``model`` (unwrapped)."""
+        return self.parts["model"]
+
+    @property
+    def ema(self) -> EMA:
+        """The EMA of the part named ``model``."""
+        return self.emas["model"]
 
     # ----- resume -----------------------------------------------------------------------------
-    def _resume(self, net: torch.nn.Module) -> None:
+    def _resume(self, parts: dict[str, torch.nn.Module]) -> None:
+        from difflab.sampling import load_part
+        from difflab.training.checkpoint import verify_checkpoint
+
         if self.acc.is_main_process:
             remove_partial(self.ckpt_root)
         self.acc.wait_for_everyone()
@@ -188,13 +189,20 @@ class Trainer:
         if ckpt is None:
             raise DifflabError(f"nothing to resume in {self.run_dir}: no complete checkpoint in "
                                f"{self.ckpt_root}")
-        load_weights(net, ckpt / MODEL_FILE)
-        load_weights(self.ema.model, ckpt / EMA_FILE)
+        self._check_frozen(verify_checkpoint(ckpt), ckpt)
+        for name, module in parts.items():
+            raw_file, ema_file = part_files(name)
+            load_part(self.task, name, module, ckpt / raw_file)
+            load_part(self.task, name, self.emas[name].model, ckpt / ema_file)
         state = load_training_state(ckpt / STATE_FILE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_hyperparameters()
-        self.ema.load_state(state["ema"])
+        ema_state = state["ema"]
+        if set(ema_state) != set(parts):  # one part, as written before trainable parts
+            ema_state = {"model": ema_state}
+        for name, ema in self.emas.items():
+            ema.load_state(ema_state[name])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng"]["torch_cpu"])
         data = state["data"]
@@ -204,6 +212,17 @@ class Trainer:
                            self.order.batch_size), (data["seed"], data["batch_size"]))
         self.last_checkpoint = ckpt
         logger.info("resumed from %s (step %d)", ckpt, self.step)
+
+    def _check_frozen(self, manifest: dict, ckpt: Path) -> None:
+        """The frozen parts must be the ones the checkpoint was trained with."""
+        recorded = manifest.get("frozen", {})
+        for name, part in self.frozen.items():
+            was = recorded.get(name)
+            if was is not None and was["sha256"] != part.sha256:
+                raise CheckpointError(
+                    f"cannot resume from {ckpt}: frozen part {name!r} has changed (trained with "
+                    f"{was['source']} sha256 {was['sha256'][:12]}..., now {part.source} sha256 "
+                    f"{part.sha256[:12]}...); resume with the same {name}")
 
     def _apply_hyperparameters(self) -> None:
         """After loading optimizer / scheduler states, use ``[train]``'s lr, betas, eps and
@@ -221,7 +240,7 @@ class Trainer:
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state(),
+            "ema": {name: ema.state() for name, ema in self.emas.items()},
             "rng": {"torch_cpu": torch.get_rng_state()},
             "data": {"seed": self.order.seed, "batch_size": self.order.batch_size,
                      "samples_seen": self.step * self.order.batch_size,
@@ -248,7 +267,8 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss, grad_norm, stop = self._train_step(batches, gen, out_of_time)
                 self.step += 1
-                self.ema.update(self.net)
+                for name, ema in self.emas.items():
+                    ema.update(self.parts[name])
                 bar.update()
                 window.append(loss)
                 final = self.step == t.steps or stop
@@ -261,10 +281,10 @@ class Trainer:
                     metrics.log(record)
                     bar.report(record)
                     window, tick = [], now
+                if self.step % t.checkpoint_every == 0 or final:
+                    self.save()  # before the preview: a failing preview loses no training
                 if t.sample_every and (self.step % t.sample_every == 0 or final):
                     self.sample_grid()
-                if self.step % t.checkpoint_every == 0 or final:
-                    self.save()
                 if stop:
                     stopped = "time_limit"
                     bar.write(f"time limit of {time_limit:.0f} s reached at step {self.step}")
@@ -287,16 +307,16 @@ class Trainer:
             if t.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             gen.manual_seed(mix_seed(t.seed, 1, self.step, micro, rank))
-            cond = self._cond(cond, gen)
-            with acc.accumulate(self.model):
+            with acc.accumulate(*self.prepared.values()):
                 with torch.random.fork_rng(devices=fork, device_type=acc.device.type):
                     torch.manual_seed(mix_seed(t.seed, 2, self.step, micro, rank))
-                    loss = self.objective(self.den, x, cond, generator=gen).mean()
+                    loss = self.task.loss(self.prepared, x, cond, gen).mean()
                 acc.backward(loss)
                 losses.append(loss.detach())
                 if acc.sync_gradients:
                     clip = t.grad_clip if t.grad_clip > 0 else math.inf
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+                    params = [p for m in self.prepared.values() for p in m.parameters()]
+                    grad_norm = acc.clip_grad_norm_(params, clip)
                     stats = torch.stack([torch.stack(losses).mean().float(),
                                          torch.as_tensor(grad_norm, device=acc.device).float(),
                                          torch.tensor(float(out_of_time), device=acc.device)])
@@ -308,12 +328,6 @@ class Trainer:
                     self.scheduler.step()
                     self.prepared_optimizer.zero_grad(set_to_none=True)
         return loss_v, norm_v, stop > 0
-
-    def _cond(self, cond: Cond, gen: torch.Generator) -> Cond | None:
-        """The network's condition: class labels or caption embeddings, each dropped to the
-        null condition with probability ``p_uncond`` (classifier-free guidance; Ho & Salimans
-        2022, Alg. 1); see :class:`~difflab.training.conditioning.Conditioner`."""
-        return self.conditioner.training(cond, gen, self.cfg.train.p_uncond)
 
     def _guard(self, loss: float, grad_norm: float) -> None:
         fp16 = self.cfg.train.mixed_precision == "fp16"  # the loss scaler skips inf gradients
@@ -333,42 +347,58 @@ class Trainer:
 
     # ----- outputs ----------------------------------------------------------------------------
     def save(self) -> Path | None:
-        """Write ``checkpoints/step_N`` (main process) and wait for every process."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
+        """Write ``checkpoints/step_N`` (main process) and wait for every process: each
+        trainable part's weights and EMA, the training state, and the frozen parts by name."""
+        if not all(bool(torch.isfinite(p).all()) for m in self.parts.values()
+                   for p in m.parameters()):
             raise TrainingDiverged(  # checked on every process (same weights), so none hangs
                 f"the weights became non-finite at step {self.step}; no checkpoint was written "
                 f"and the last good one is {self.last_checkpoint}. Try a lower train.lr "
                 f"(now {self.cfg.train.lr:g}) or gradient clipping (train.grad_clip)")
         if self.acc.is_main_process:
             meta = {"config": (self.run_dir / CONFIG_FILE).read_text()}
+            weights = {name: (state_dict_cpu(m), state_dict_cpu(self.emas[name].model))
+                       for name, m in self.parts.items()}
+            main = weights.pop("model", (None, None))
             self.last_checkpoint = save_checkpoint(
-                self.ckpt_root, self.step, state_dict_cpu(self.net), state_dict_cpu(self.ema.model),
-                self.training_state(), keep=self.cfg.train.keep_checkpoints, metadata=meta)
+                self.ckpt_root, self.step, main[0], main[1], self.training_state(),
+                keep=self.cfg.train.keep_checkpoints, metadata=meta, parts=weights,
+                part_metadata=self.task.part_metadata(),
+                frozen={k: p.record() for k, p in self.frozen.items()})
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             self.last_checkpoint = self.ckpt_root / f"step_{self.step}"
         return self.last_checkpoint
 
+    def preview_request(self):
+        """The :class:`~difflab.sampling.SampleRequest` of a training preview: the EMA model
+        with the ``[sample]`` settings (classifier-free guidance only: a preview loads no
+        other run)."""
+        from difflab.guidance.spec import parse_guidance
+        from difflab.sampling import LoadedRun, SampleRequest
+
+        s = self.cfg.sample
+        guidance = s.guidance
+        if guidance is not None and parse_guidance(guidance).kind != "cfg":
+            guidance = "none"
+        model = LoadedRun.from_task(self.task, self.ema.model, self.last_checkpoint, self.step)
+        return SampleRequest(model, guidance=guidance)
+
     def sample_grid(self) -> Path | None:
         """``samples/step_N.png`` from the EMA model with the ``[sample]`` settings."""
+        from difflab.sampling import generate
+
         out = None
         if self.acc.is_main_process:
-            s = self.cfg.sample
-            den = build_denoiser(self.cfg, self.ema.model, self.path)
-            m = self.cfg.model
-            cond, null, guide = preview_inputs(self.cfg, self.conditioner, s.n)
-            x = generate(den, (m.in_channels, m.image_size, m.image_size), s.n,
-                         sampler=s.sampler, steps=s.steps, grid=s.grid,
-                         grid_options=s.grid_options, options=s.options, seed=s.seed,
-                         batch_size=s.batch_size, cond=cond, null_cond=null, guide=guide,
-                         clip_x0=s.clip_x0)
+            n = self.cfg.sample.n
+            x = generate(self.preview_request()).images
             out = save_image_grid(x.clamp(-1, 1), self.run_dir / "samples" /
-                                  f"step_{self.step}.png", nrow=math.ceil(math.sqrt(s.n)))
+                                  f"step_{self.step}.png", nrow=math.ceil(math.sqrt(n)))
         self.acc.wait_for_everyone()
         return out
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False,
           time_limit: float | None = None, progress: bool | None = None) -> TrainResult:
-    """Build a :class:`Trainer` and run it (the ``difflab train`` command)."""
+    """Build the config's task and a :class:`Trainer`, and run it (``difflab train``)."""
     return Trainer(cfg, run_dir, resume=resume, progress=progress).fit(time_limit)

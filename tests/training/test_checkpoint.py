@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from difflab.config import load_config
+from difflab.sampling import load_run
 from difflab.training import (
     CheckpointError,
     list_checkpoints,
-    load_run,
     load_training_state,
     load_weights,
     read_safetensors,

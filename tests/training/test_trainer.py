@@ -12,10 +12,10 @@ from PIL import Image
 
 from difflab.config import load_config
 from difflab.errors import DifflabError
+from difflab.sampling import load_run
 from difflab.training import (
     TrainingDiverged,
     list_checkpoints,
-    load_run,
     read_metrics,
     read_safetensors,
     train,
@@ -191,9 +191,9 @@ def test_time_limit_stops_with_a_checkpoint(tmp_path):
 def test_class_conditional_accumulation_and_bf16(tmp_path):
     """Labels reach the network (with CFG label dropout), accumulation splits the batch."""
     run = tmp_path / "cond"
-    cfg = tiny("train.steps=2", "model.class_cond=true", "train.p_uncond=0.2",
+    cfg = tiny("train.steps=2", "task.cond='class'", "task.p_uncond=0.2",
                "train.grad_accum=2", "train.mixed_precision='bf16'", "objective.target='v'",
-               "model.prediction='v'")
+               "task.prediction='v'")
     result = train(cfg, run)
     assert result.step == 2 and math.isfinite(result.loss)
     loaded = load_run(run)
@@ -205,7 +205,7 @@ def test_class_conditional_accumulation_and_bf16(tmp_path):
 
 def test_learned_variance_with_the_hybrid_loss(tmp_path):
     cfg = tiny("train.steps=2", "path.kind='discrete_cosine'", "path.N=100",
-               "model.learned_variance=true", "objective.name='hybrid'",
+               "model.learn_sigma=true", "objective.name='hybrid'",
                "sample.sampler='ddpm'", "sample.options.variance='learned'",
                "train.sample_every=2")
     result = train(cfg, tmp_path / "iddpm")

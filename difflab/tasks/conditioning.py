@@ -2,13 +2,13 @@
 reads, for training and for sampling; one place for the null condition of every kind.
 
 - Class-conditional U-Net: ``Cond(labels)``; the null class is ``num_classes``.
-- Text-conditional U-Net (``model.text_encoder``): ``Cond(context, context_mask)`` from the frozen
-  text encoder; the null condition is the empty prompt ``""`` (GLIDE, Nichol et al. 2022, Sec.
-  2.3 / App. E; Stable Diffusion does the same).
+- Text-conditional U-Net (``task.cond = "text"``, ``[text_encoder]``): ``Cond(context,
+  context_mask)`` from the frozen text encoder; the null condition is the empty prompt ``""``
+  (GLIDE, Nichol et al. 2022, Sec. 2.3 / App. E; Stable Diffusion does the same).
 - Condition dropout for classifier-free guidance (Ho & Salimans 2022, Alg. 1): during training
-  each condition is replaced by the null one with probability ``train.p_uncond``.
-- Noise-aware classifier (``model.arch = "classifier"``): ``Cond(labels)``, never dropped.
-- Image-text alignment model (``model.arch = "alignment"``): the captions' pooled sentence
+  each condition is replaced by the null one with probability ``task.p_uncond``.
+- Noise-aware classifier (the ``classifier`` task): ``Cond(labels)``, never dropped.
+- Image-text alignment model (the ``contrastive`` task): the captions' pooled sentence
   embeddings in ``Cond.extra["text_emb"]``.
 """
 
@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from difflab.cond import Cond
-from difflab.config import Config
 from difflab.errors import DifflabError, bad_value
 
 logger = logging.getLogger("difflab.training")
@@ -35,26 +34,38 @@ def text_cache_dir() -> Path:
 
 
 class Conditioner:
-    """Builds ``Cond`` objects for the model of ``cfg``.
+    """Builds ``Cond`` objects for one network.
 
     Args:
-        cfg: a config whose data fields are resolved.
-        captions: the dataset's captions (text models, training): they are encoded once and
-            cached on disk (:class:`~difflab.networks.text.CaptionEmbeddings`).
+        kind: ``none``; ``class`` (labels, the null class ``num_classes``); ``text`` (token
+            embeddings and mask of a frozen text encoder, the null condition the empty
+            prompt); ``sentence`` (pooled caption embeddings in ``Cond.extra["text_emb"]``,
+            what an alignment model reads).
+        num_classes: classes of a ``class`` conditioner.
+        text_encoder: the ``TextEncoderConfig`` of a ``text`` / ``sentence`` conditioner.
+        captions: the dataset's captions (training): encoded once and cached on disk
+            (:class:`~difflab.networks.text.CaptionEmbeddings`).
+        prompts: default prompts for sampling (``sample.prompts``).
         device: where the tensors go.
     """
 
-    def __init__(self, cfg: Config, captions: Sequence[str] | None = None,
+    KINDS = ("none", "class", "text", "sentence")
+
+    def __init__(self, kind: str = "none", num_classes: int | None = None, text_encoder=None,
+                 captions: Sequence[str] | None = None, prompts: Sequence[str] = (),
                  device: torch.device | str = "cpu") -> None:
-        self.cfg = cfg
-        m = cfg.model
+        if kind not in self.KINDS:
+            raise bad_value("conditioning", kind, f"one of {', '.join(self.KINDS)}")
+        if kind == "class" and not num_classes:
+            raise DifflabError("class conditioning needs the number of classes")
+        self.kind = kind
+        self.num_classes = num_classes
+        self.text_config = text_encoder
+        self.prompts = list(prompts)
         self.device = torch.device(device)
-        self.num_classes = m.num_classes
-        self.kind = ("text" if m.text_encoder else "class" if m.class_cond or m.arch ==
-                     "classifier" else "none")
         self.embeddings = None
         self._encoder = None
-        if self.kind == "text" and captions is not None:
+        if kind in ("text", "sentence") and captions is not None:
             from difflab.networks.text import CaptionEmbeddings
 
             self.embeddings = CaptionEmbeddings.build(self.encoder, captions, text_cache_dir())
@@ -62,10 +73,10 @@ class Conditioner:
     @property
     def encoder(self):
         if self._encoder is None:
-            from difflab.networks.text import load_text_encoder
+            from difflab.networks.text import TextEncoderConfig, load_text_encoder
 
-            m = self.cfg.model
-            self._encoder = load_text_encoder(m.text_encoder, m.text_max_length)
+            c = self.text_config or TextEncoderConfig()
+            self._encoder = load_text_encoder(c.name, c.max_length)
         return self._encoder
 
     @property
@@ -76,30 +87,28 @@ class Conditioner:
     def training(self, batch: Cond, generator: torch.Generator | None, p_uncond: float = 0.0
                  ) -> Cond | None:
         """The network's ``Cond`` for a collated batch, with condition dropout ``p_uncond``."""
-        arch = self.cfg.model.arch
         if self.kind == "none":
             return None
         if self.kind == "class":
             if batch.labels is None:
                 raise DifflabError("the model is class-conditional but the batch has no labels")
             labels = batch.labels.to(self.device)
-            if p_uncond > 0 and arch == "unet":
+            if p_uncond > 0:
                 drop = self._drop(labels.shape[0], generator, p_uncond)
                 labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
             return Cond(labels=labels)
         captions = batch.extra.get("captions")
         if captions is None:
-            raise DifflabError(f"model.text_encoder={self.cfg.model.text_encoder!r} needs "
-                               f"captions but dataset {self.cfg.data.name!r} gives none: point "
-                               "data.captions at a TSV 'file<TAB>caption'")
+            raise DifflabError("a text-conditional model needs captions but the dataset gives "
+                               "none: point data.captions at a TSV 'file<TAB>caption'")
         captions = list(captions)
-        if p_uncond > 0 and arch == "unet":
+        if p_uncond > 0:
             drop = self._drop(len(captions), generator, p_uncond).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop)]
         emb = self.embeddings
         if emb is None:
             raise DifflabError("Conditioner built without the dataset's captions")
-        if arch == "alignment":
+        if self.kind == "sentence":
             return Cond(extra={"text_emb": emb.sentence(captions).to(self.device)})
         context, mask = emb.lookup(captions)
         return Cond(context=context.to(self.device), context_mask=mask.to(self.device))
@@ -129,6 +138,9 @@ class Conditioner:
         """``(cond, null_cond)`` for ``n`` samples: the requested condition and what guidance
         contrasts it with (null class; the empty or the negative prompt). ``(None, None)`` for
         an unconditional model."""
+        if self.kind == "sentence":
+            raise DifflabError("an alignment model's sentence conditioning is for training; "
+                               "it does not sample")
         if self.kind == "none":
             if labels is not None or prompts is not None:
                 raise DifflabError("this model is unconditional: --class / --prompt do not apply")
@@ -162,7 +174,7 @@ class Conditioner:
 
     def default_prompts(self, n: int) -> list[str]:
         """``sample.prompts`` of the config, or (none given) distinct dataset captions."""
-        given = list(self.cfg.sample.prompts)
+        given = list(self.prompts)
         if given:
             return given
         if self.embeddings is not None:
@@ -173,23 +185,9 @@ class Conditioner:
                            "sample.prompts in the config")
 
 
-def warn_if_no_unconditional(cfg: Config, what: str = "classifier-free guidance") -> None:
+def warn_if_no_unconditional(p_uncond: float, what: str = "classifier-free guidance") -> None:
     """Guidance needs a null-condition branch: warn for a model trained without dropout."""
-    if cfg.train.p_uncond == 0:
-        warnings.warn(f"{what} was asked of a model trained with train.p_uncond=0: it never saw "
+    if p_uncond == 0:
+        warnings.warn(f"{what} was asked of a model trained with task.p_uncond=0: it never saw "
                       "the null condition, so it has no unconditional branch and guidance will "
                       "extrapolate from an untrained output", stacklevel=3)
-
-
-def preview_inputs(cfg: Config, conditioner: Conditioner, n: int):
-    """``(cond, null_cond, guide)`` for the training previews: the default classes / prompts,
-    with ``sample.guidance`` when it is classifier-free guidance."""
-    from difflab.guidance.spec import cfg_guide, parse_guidance
-
-    if not conditioner.conditional or cfg.model.arch != "unet":
-        return None, None, None
-    cond, null = conditioner.make(n)
-    spec = parse_guidance(cfg.sample.guidance) if cfg.sample.guidance else None
-    if spec is None or spec.kind != "cfg" or (spec.scale == 1 and spec.interval is None):
-        return cond, None, None
-    return cond, null, cfg_guide(spec)

@@ -1,0 +1,541 @@
+"""One sampling request: every caller (``difflab sample``, ``difflab eval``, training previews,
+the demo, the benchmarks) turns a :class:`SampleRequest` into images with :func:`generate`.
+
+::
+
+    import difflab
+
+    out = difflab.generate(difflab.SampleRequest("runs/cfg", sampler="dpmpp_2m", steps=20,
+                                                 guidance="cfg:3", labels=[7], n=16))
+    out.images        # (16, C, H, W) float32 on the CPU
+    out.nfe           # network evaluations per sample, counted
+    out.metadata      # the resolved settings: sampler, grid, options, guidance, checkpoint...
+
+A request names a model (a run folder, a checkpoint folder, a component folder written by
+``difflab export``, or an already :class:`LoadedRun`); every setting it leaves unset comes from
+the run's ``[sample]`` section. The run's own sampler options and grid options are kept only
+when the request uses the run's sampler / grid (iDDPM's ``variance = "learned"`` means nothing
+to another sampler). Sample ``i`` draws all of its noise from its own stream
+(:class:`~difflab.samplers.PerSampleNoise` seeded from ``(seed, i)``), so it is the same whatever
+the batch size.
+
+Guidance (:mod:`difflab.guidance.spec`): ``cfg:S`` evaluates both branches in one batched call
+(:func:`difflab.guidance.cfg`), the null branch being the null class, the empty prompt or the
+negative prompt; ``classifier:RUN:S`` adds the gradient of a classifier run's
+``log p(y | x_t)`` to the unconditional score (:func:`difflab.guidance.classifier`), the
+unconditional denoiser of a class-conditional run being its null-class branch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difflab.cond import Cond
+from difflab.denoiser import DenoiserBase
+from difflab.errors import DifflabError, bad_value
+from difflab.paths import EDM, VE, DiscreteVP, GaussianPath
+
+logger = logging.getLogger("difflab.sampling")
+
+Guide = Callable[[DenoiserBase, "Cond | None", "Cond | None"], DenoiserBase]
+CONFIG_FILE = "config.toml"
+
+
+# ----- grids and seeds ---------------------------------------------------------------------------
+def auto_grid_name(path: GaussianPath) -> str:
+    """``discrete`` on discrete paths, ``karras`` on VE / EDM, ``uniform`` otherwise."""
+    if isinstance(path, DiscreteVP):
+        return "discrete"
+    if isinstance(path, (VE, EDM)):
+        return "karras"
+    return "uniform"
+
+
+def sampling_grid(path: GaussianPath, steps: int, grid: str = "auto",
+                  grid_options: dict[str, Any] | None = None) -> torch.Tensor:
+    """The time grid named ``grid`` (``auto``: :func:`auto_grid_name`) with ``steps`` steps."""
+    from difflab.samplers.timesteps import make_grid
+
+    name = auto_grid_name(path) if grid == "auto" else grid
+    return make_grid(name, path, steps, **(grid_options or {}))
+
+
+def sample_seeds(seed: int, n: int) -> list[int]:
+    """One seed per sample, derived from ``(seed, i)``."""
+    from difflab.training.data import mix_seed
+
+    return [mix_seed(seed, 0x5A3B1E, i) for i in range(n)]
+
+
+# ----- a loaded model ----------------------------------------------------------------------------
+@dataclass
+class LoadedRun:
+    """A trained model ready to sample (or to guide with).
+
+    Attributes:
+        config: the run's resolved config.
+        net: the network (EMA weights unless ``ema`` is false).
+        denoiser: ``net`` as the core reads it (its task's ``wrap``).
+        path: the noise path.
+        checkpoint: the checkpoint (or component) folder the weights came from.
+        step: its training step.
+        ema: whether the weights are the EMA ones.
+        task: the run's training task (``for_training=False``).
+        conditioner: builds its conditions (classes, prompts).
+        codec: the decoder of latent runs (None: pixel space).
+    """
+
+    config: Any
+    net: nn.Module
+    denoiser: DenoiserBase
+    path: GaussianPath
+    checkpoint: Path | None
+    step: int
+    ema: bool
+    task: Any = None
+    conditioner: Any = None
+    codec: Any = None
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.task.sample_shape
+
+    @property
+    def generative(self) -> bool:
+        return bool(getattr(self.task, "generative", False))
+
+    @classmethod
+    def from_task(cls, task, net: nn.Module, checkpoint: Path | None = None, step: int = 0,
+                  ema: bool = True) -> LoadedRun:
+        return cls(task.cfg, net, task.wrap(net), task.path, checkpoint, step, ema, task,
+                   task.conditioner)
+
+
+def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None, ema: bool = True,
+             device: torch.device | str = "cpu") -> LoadedRun:
+    """Load a run folder's ``config.toml`` and a checkpoint (default: the latest that
+    verifies), a checkpoint folder inside a run, or a component folder of ``difflab export``.
+
+    Args:
+        run_dir: the folder.
+        checkpoint: ``step_N`` (None: latest; a corrupt latest falls back with a warning).
+        ema: load the EMA weights (else the raw trained weights).
+        device: where to put the network.
+    """
+    from difflab.components import CONFIG_JSON
+
+    run = Path(run_dir)
+    if (run / CONFIG_JSON).is_file():
+        return _load_component(run, device)
+    if _is_checkpoint_dir(run):
+        run, checkpoint = run.parent.parent, run.name
+    cfg_file = run / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise DifflabError(f"{run} is not a run folder: {CONFIG_FILE} is missing (train one with "
+                           "difflab train CONFIG --out RUN)")
+    cfg = run_config(cfg_file)
+    ckpt = _pick_checkpoint(run, checkpoint)
+    task, net = _build_for_sampling(cfg)
+    from difflab.training.checkpoint import EMA_FILE, MODEL_FILE
+
+    load_part(task, "model", net, ckpt / (EMA_FILE if ema else MODEL_FILE))
+    net.to(device).eval().requires_grad_(False)
+    task.conditioner.device = torch.device(device)
+    step = int(ckpt.name.removeprefix("step_"))
+    return LoadedRun.from_task(task, net, ckpt, step, ema)
+
+
+def run_config(file: Path):
+    """A run folder's config; a version-1 file is converted in memory (with a hint)."""
+    from difflab.config import config_from_dict, read_toml
+    from difflab.upgrade import is_legacy
+
+    raw = read_toml(file)
+    if is_legacy(raw):
+        logger.info("%s uses the version-1 config layout; it is converted on every load "
+                    "(convert it once with: difflab upgrade %s)", file, file.parent)
+    cfg = config_from_dict(raw, f"config {file}", upgrade=True)
+    return cfg
+
+
+def _build_for_sampling(cfg):
+    from difflab.tasks import make_task
+
+    task = make_task(cfg, for_training=False)
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten: spare the caller's RNG
+        net = task.build_model()
+    return task, net
+
+
+def load_part(task, name: str, module: nn.Module, file: Path) -> None:
+    """Load a part's weights, converting an older layout of its family (the layout is in the
+    file's metadata; files without one are layout 1)."""
+    from difflab.components import upgrade_weights
+    from difflab.training.checkpoint import check_compatible, read_metadata, read_safetensors
+
+    tensors = read_safetensors(file)
+    fam, config = task.part_family(name)
+    if fam is not None:  # a part of a registered family: convert an older weight layout
+        version = int(read_metadata(file).get("family_version", 1))
+        tensors = upgrade_weights(fam, config, tensors, version)
+    check_compatible(module, tensors, f"checkpoint file {file}")
+    module.load_state_dict(tensors, strict=True)
+
+
+def _load_component(folder: Path, device) -> LoadedRun:
+    """A component written by ``difflab export``: its metadata holds the run's config."""
+    from difflab.components import load, read_component_config
+    from difflab.config import config_from_dict, tomllib
+
+    meta = read_component_config(folder)
+    text = (meta.get("metadata") or {}).get("run_config")
+    if not text:
+        raise DifflabError(f"{folder} is a {meta['family']!r} component without a run config: "
+                           "sample a run folder, or export one with difflab export RUN OUT")
+    cfg = config_from_dict(tomllib.loads(text), f"{folder}/config.json:metadata.run_config",
+                           upgrade=True)
+    from difflab.tasks import make_task
+
+    task = make_task(cfg, for_training=False)
+    net = load(folder, device).eval().requires_grad_(False)
+    task.conditioner.device = torch.device(device)
+    step = int((meta.get("metadata") or {}).get("step", 0))
+    return LoadedRun.from_task(task, net, folder, step, True)
+
+
+def _is_checkpoint_dir(p: Path) -> bool:
+    return p.name.startswith("step_") and p.parent.name == "checkpoints"
+
+
+def _pick_checkpoint(run: Path, name: str | None) -> Path:
+    from difflab.training.checkpoint import (
+        CheckpointError,
+        resolve_checkpoint,
+        resumable_checkpoint,
+        verify_checkpoint,
+    )
+
+    if name is not None:
+        ckpt = resolve_checkpoint(run, name)
+        verify_checkpoint(ckpt)
+        return ckpt
+    ckpt = resolve_checkpoint(run)
+    try:
+        verify_checkpoint(ckpt)
+        return ckpt
+    except CheckpointError as e:
+        logger.warning("%s; using the newest checkpoint that verifies", e)
+    found = resumable_checkpoint(run / "checkpoints")
+    if found is None:
+        raise CheckpointError(f"no complete checkpoint in {run / 'checkpoints'}")
+    return found
+
+
+# ----- the request -------------------------------------------------------------------------------
+@dataclass
+class SampleRequest:
+    """Everything one batch of samples depends on; ``None`` means the run's ``[sample]`` value.
+
+    Attributes:
+        model: a run folder, a checkpoint folder, a component folder, or a :class:`LoadedRun`.
+        sampler, steps: a registered sampler (:data:`difflab.samplers.SAMPLERS`) and its steps.
+        grid, grid_options: the time grid (``auto``: the path's own) and its options.
+        options: sampler options (``eta``, ``variance``, ...), on top of the run's own when the
+            sampler is the run's.
+        guidance: ``none``, ``cfg:S[:rescale=R][:interval=LO-HI]`` or ``classifier:RUN:S``
+            (None: the run's ``sample.guidance``), or a callable ``guide(den, cond,
+            null_cond) -> denoiser`` applied per batch (SDG and other custom guidance).
+        labels: class ids (one for all, or a list cycled; default: cycle through the classes).
+        prompts, negative_prompt: text prompts (cycled) and what guidance steers away from.
+        seed, n, batch_size: base seed (sample ``i`` uses its own stream), how many, per batch.
+        clip_x0: clip clean-data estimates to ``[-1, 1]`` (DDPM's ``clip_denoised``).
+        hooks: :class:`~difflab.samplers.Hooks` of the sampling loop (with ``clip_x0`` the
+            clipping runs first, then ``hooks.correct_x0``).
+        device: where to sample (default: the loaded model's device).
+        checkpoint, ema: which weights of a run folder.
+        decode: decode latents through the run's codec (no effect in pixel space).
+        progress: a progress-bar title (True: a default one; None / False: no bar).
+    """
+
+    model: Any
+    sampler: str | None = None
+    steps: int | None = None
+    grid: str | None = None
+    grid_options: dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    guidance: str | Callable | None = None
+    labels: Any = None
+    prompts: Sequence[str] | str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    n: int | None = None
+    batch_size: int | None = None
+    clip_x0: bool | None = None
+    hooks: Any = None
+    device: str | torch.device | None = None
+    checkpoint: str | None = None
+    ema: bool = True
+    decode: bool = True
+    progress: str | bool | None = None
+
+
+@dataclass
+class Samples:
+    """What :func:`generate` returns.
+
+    Attributes:
+        images: ``(n, *sample_shape)`` float32 on the CPU (not clamped).
+        seeds: the noise seed of each sample.
+        nfe: network evaluations per sample, counted by a forward hook (guided branches
+            batched into one call count once), None when the model is not a module.
+        seconds: wall time of the sampling loop.
+        metadata: the resolved settings (sampler, steps, grid, grid options, options,
+            guidance, n, seed, clip_x0, checkpoint, step).
+    """
+
+    images: torch.Tensor
+    seeds: list[int]
+    nfe: float | int | None
+    seconds: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_model(model: Any, checkpoint: str | None = None, ema: bool = True,
+                  device: Any = None) -> LoadedRun:
+    """A request's ``model`` as a :class:`LoadedRun`."""
+    if isinstance(model, LoadedRun):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load_run(model, checkpoint=checkpoint, ema=ema, device=device or "cpu")
+    raise DifflabError(f"SampleRequest.model must be a run / component folder or a LoadedRun, "
+                       f"got {type(model).__name__}")
+
+
+def resolve_settings(run: LoadedRun, req: SampleRequest) -> dict[str, Any]:
+    """The request's settings with the run's ``[sample]`` defaults filled in, checked."""
+    from difflab.samplers import SAMPLERS
+    from difflab.samplers.timesteps import GRIDS
+
+    s = run.config.sample
+    sampler = req.sampler or s.sampler
+    if sampler not in SAMPLERS:
+        raise bad_value("sampler", sampler, f"one of {', '.join(sorted(SAMPLERS))}")
+    grid = req.grid or s.grid
+    if grid != "auto" and grid not in GRIDS:
+        raise bad_value("grid", grid, f"auto or one of {', '.join(GRIDS)}")
+    options = dict(s.options) if sampler == s.sampler else {}
+    options.update(req.options or {})
+    grid_options = dict(s.grid_options) if grid == s.grid else {}
+    grid_options.update(req.grid_options or {})
+    out = {"sampler": sampler, "steps": req.steps if req.steps is not None else s.steps,
+           "grid": grid, "grid_options": grid_options, "options": options,
+           "guidance": req.guidance if req.guidance is not None else s.guidance,
+           "n": req.n if req.n is not None else s.n,
+           "seed": req.seed if req.seed is not None else s.seed,
+           "batch_size": req.batch_size if req.batch_size is not None else s.batch_size,
+           "clip_x0": s.clip_x0 if req.clip_x0 is None else bool(req.clip_x0)}
+    for key in ("steps", "n", "batch_size"):
+        if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1:
+            raise bad_value(key, out[key], "a positive int")
+    if not isinstance(out["seed"], int) or out["seed"] < 0:
+        raise bad_value("seed", out["seed"], "an int >= 0")
+    return out
+
+
+@torch.no_grad()
+def generate(request: SampleRequest) -> Samples:
+    """Turn a request into images (see the module docstring)."""
+    run = resolve_model(request.model, request.checkpoint, request.ema, request.device)
+    if not run.generative:
+        raise DifflabError(f"the model of task kind {run.config.task.kind!r} does not generate "
+                           "images (a classifier or alignment run guides a diffusion run: "
+                           "--guidance classifier:RUN:S)")
+    st = resolve_settings(run, request)
+    n = st["n"]
+    cond, null, guide = guidance_inputs(run, n, st["guidance"], request.labels, request.prompts,
+                                        request.negative_prompt)
+    progress = request.progress
+    if progress is True:
+        progress = f"sampling {st['sampler']}"
+    counter = _CountCalls(getattr(run.denoiser, "net", None))
+    start = time.perf_counter()
+    try:
+        x, seeds = draw(run.denoiser, run.sample_shape, n, sampler=st["sampler"],
+                        steps=st["steps"], grid=st["grid"], grid_options=st["grid_options"],
+                        options=st["options"], seed=st["seed"], batch_size=st["batch_size"],
+                        cond=cond, null_cond=null, guide=guide, clip_x0=st["clip_x0"],
+                        hooks=request.hooks, device=request.device, progress=progress or None)
+    finally:
+        counter.close()
+    seconds = time.perf_counter() - start
+    if request.decode and run.codec is not None:
+        x = run.codec.decode(x)
+    nfe = None
+    if counter.handle is not None:
+        per_sample = counter.calls / -(-n // st["batch_size"])
+        nfe = int(per_sample) if float(per_sample).is_integer() else round(per_sample, 2)
+    meta = {**st, "checkpoint": None if run.checkpoint is None else str(run.checkpoint),
+            "step": run.step, "ema": run.ema}
+    return Samples(x, seeds, nfe, seconds, meta)
+
+
+class _CountCalls:
+    """Counts the forward calls of a module (one per network evaluation)."""
+
+    def __init__(self, module: Any) -> None:
+        self.calls = 0
+        self.handle = (module.register_forward_pre_hook(self._hook)
+                       if isinstance(module, nn.Module) else None)
+
+    def _hook(self, *_) -> None:
+        self.calls += 1
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def draw(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str, steps: int,
+         grid: str, grid_options: dict, options: dict, seed: int, batch_size: int,
+         cond: Cond | None, null_cond: Cond | None, guide: Guide | None, clip_x0: bool,
+         hooks: Any = None, device: Any = None, progress: str | None = None
+         ) -> tuple[torch.Tensor, list[int]]:
+    """The sampling loop of :func:`generate`: ``n`` samples in batches, sample ``i`` with its
+    own noise stream; returns ``(samples on the CPU, seeds)``."""
+    from difflab.samplers import Hooks, PerSampleNoise, get_sampler, sample
+    from difflab.samplers.thresholding import StaticThreshold
+
+    for what, c in (("cond", cond), ("null_cond", null_cond)):
+        if c is not None and c.batch_size() not in (None, n):
+            raise DifflabError(f"{what} holds {c.batch_size()} conditions for n={n} samples")
+    spec = get_sampler(sampler)
+    if (clip_x0 or hooks is not None) and "hooks" not in spec.options():
+        raise DifflabError(f"clip_x0 / hooks need a sampler with hooks; {sampler!r} has none")
+    if hooks is not None and not isinstance(hooks, Hooks):
+        raise DifflabError(f"hooks must be a difflab.samplers.Hooks, got {type(hooks).__name__}")
+    if clip_x0:
+        clip = StaticThreshold(-1.0, 1.0)
+        user = hooks.correct_x0 if hooks is not None else None
+        correct = clip if user is None else (lambda x0, t: user(clip(x0, t), t))
+        hooks = Hooks(correct_x0=correct, correct_xt=getattr(hooks, "correct_xt", None),
+                      callback=getattr(hooks, "callback", None))
+    t_grid = sampling_grid(den.path, steps, grid, grid_options)
+    seeds = sample_seeds(seed, n)
+    if device is None:
+        net = getattr(den, "net", None)
+        params = list(net.parameters()) if isinstance(net, nn.Module) else []
+        device = params[0].device if params else torch.device("cpu")
+    takes_noise = "noise" in spec.options()
+    out = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, desc=progress, disable=progress is None, unit="img", leave=False)
+    try:
+        for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
+            noise = PerSampleNoise(seeds[lo:hi])
+            x = den.path.prior_sample((hi - lo, *shape), noise=noise).to(device)
+            c = None if cond is None else cond[lo:hi].to(device)
+            nc = None if null_cond is None else null_cond[lo:hi].to(device)
+            d = guide(den, c, nc) if guide is not None else den if c is None else den.bind(c)
+            kw = dict(options)
+            if takes_noise:
+                kw["noise"] = noise
+            if hooks is not None:
+                kw["hooks"] = hooks
+            out.append(sample(sampler, d, x, t_grid, **kw).float().cpu())
+            bar.update(hi - lo)
+    finally:
+        bar.close()
+    return torch.cat(out), seeds
+
+
+# ----- conditions and guidance -------------------------------------------------------------------
+def guidance_inputs(run: LoadedRun, n: int, guidance: str | None, labels=None, prompts=None,
+                    negative_prompt: str | None = None
+                    ) -> tuple[Cond | None, Cond | None, Guide | None]:
+    """``(cond, null_cond, guide)`` for ``n`` samples of ``run``."""
+    from difflab.guidance.spec import CLASSIFIER, GuidanceSpec, cfg_guide, parse_guidance
+    from difflab.tasks.conditioning import warn_if_no_unconditional
+
+    if callable(guidance):  # a custom guide(den, cond, null_cond) -> denoiser (SDG, ...)
+        cond, null = run.conditioner.make(n, labels=labels, prompts=prompts,
+                                          negative_prompt=negative_prompt)
+        return cond, null, guidance
+    spec = parse_guidance(guidance) if isinstance(guidance, str) else guidance
+    if spec is not None and not isinstance(spec, GuidanceSpec):
+        raise bad_value("guidance", guidance, "a guidance string such as cfg:3")
+    if negative_prompt is not None and (spec is None or spec.kind != "cfg"):
+        raise DifflabError("a negative prompt needs classifier-free guidance: add "
+                           "--guidance cfg:SCALE")
+    if spec is not None and (spec.kind == "none" or (spec.kind == "cfg" and spec.scale == 1.0
+                                                     and spec.interval is None)):
+        spec = None  # cfg at scale 1 is the conditional model: skip the second branch
+    cond_er = run.conditioner
+    if spec is not None and spec.kind == CLASSIFIER:
+        return _classifier_inputs(run, spec, n, labels, prompts)
+    cond, null = cond_er.make(n, labels=labels, prompts=prompts, negative_prompt=negative_prompt)
+    if spec is None:
+        return cond, None, None
+    if cond is None:
+        raise DifflabError(f"guidance {spec} needs a conditional model; this run is "
+                           "unconditional (train with task.cond='class' or 'text' and "
+                           "task.p_uncond > 0)")
+    warn_if_no_unconditional(run.task.p_uncond())
+    return cond, null, cfg_guide(spec)
+
+
+def _classifier_inputs(run: LoadedRun, spec, n: int, labels, prompts
+                       ) -> tuple[Cond, Cond | None, Guide]:
+    from difflab.guidance import classifier as classifier_transform
+    from difflab.guidance.noisy_classifier import check_classifier_matches, classifier_log_prob
+    from difflab.paths import same_marginals
+    from difflab.tasks.conditioning import warn_if_no_unconditional
+    from difflab.tasks.noisy import ClassifierTask
+
+    if prompts is not None:
+        raise DifflabError("classifier guidance takes --class, not --prompt")
+    cls_run = load_run(spec.run, device=next(run.net.parameters()).device)
+    if not isinstance(cls_run.task, ClassifierTask):
+        raise DifflabError(f"guidance {spec}: {spec.run} is not a classifier run (its task kind "
+                           f"is {cls_run.config.task.kind!r}); train one with configs/"
+                           "classifier_mnist.toml")
+    diffusion = run.conditioner
+    c_shape, d_shape = cls_run.sample_shape, run.sample_shape
+    check_classifier_matches(
+        (c_shape[-1], c_shape[0], cls_run.conditioner.num_classes),
+        (d_shape[-1], d_shape[0], diffusion.num_classes if diffusion.kind == "class" else None),
+        classifier_name=str(spec.run), diffusion_name="the diffusion run")
+    if not same_marginals(run.denoiser.path, cls_run.denoiser.path):
+        raise DifflabError(
+            f"guidance {spec}: the classifier run was trained on path {cls_run.config.path.kind!r}"
+            f" and the diffusion run samples path {run.config.path.kind!r}; the classifier reads "
+            "x_t at the diffusion model's noise levels only when the two paths match: train it "
+            "with the diffusion run's [path]")
+    y = cls_run.conditioner.labels(labels, n)
+    if diffusion.kind == "class":
+        null = Cond(labels=torch.full_like(y, diffusion.num_classes))
+        warn_if_no_unconditional(run.task.p_uncond(), "classifier guidance (which needs the "
+                                 "unconditional model)")
+    elif diffusion.kind == "none":
+        null = None
+    else:
+        raise DifflabError("classifier guidance needs an unconditional or class-conditional "
+                           "diffusion run, not a text-conditional one")
+    model = cls_run.denoiser
+    scale = spec.scale
+
+    def guide(den: DenoiserBase, cond: Cond | None, nc: Cond | None) -> DenoiserBase:
+        base = den if nc is None else den.bind(nc)
+        return classifier_transform(base, classifier_log_prob(model, cond.labels), scale)
+
+    return Cond(labels=y), null, guide
