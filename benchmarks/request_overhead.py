@@ -26,8 +26,8 @@ import torch
 
 def sampler_overhead(repeats: int) -> dict:
     from difflab.config import load_config
-    from difflab.sampling import LoadedRun, SampleRequest, generate, sample_seeds, sampling_grid
     from difflab.samplers import PerSampleNoise, sample
+    from difflab.sampling import LoadedRun, SampleRequest, generate, sample_seeds, sampling_grid
     from difflab.tasks import make_task
 
     class Data:

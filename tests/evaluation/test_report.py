@@ -126,7 +126,13 @@ def test_guidance_on_an_unconditional_run_is_a_clear_error(tmp_path):
     x = generate(run, Setting("ddim", 4), 4, 0, 4, False)
     assert x.shape == (4, 1, 8, 8)
     # a grid in the setting reaches the sampler: the same samples as asking for it directly
-    from difflab.training.sampling import generate as direct
+    from difflab.sampling import draw
+
+    def direct(den, shape, n, *, sampler, steps, seed, batch_size, clip_x0, grid="auto",
+               options=None):
+        return draw(den, shape, n, sampler=sampler, steps=steps, grid=grid, grid_options={},
+                    options=options or {}, seed=seed, batch_size=batch_size, cond=None,
+                    null_cond=None, guide=None, clip_x0=clip_x0)[0]
 
     on_log_snr = generate(run, Setting("ddim", 4, None, "log_snr"), 4, 0, 4, False)
     want = direct(run.denoiser, run.shape, 4, sampler="ddim", steps=4, grid="log_snr", seed=0,
@@ -167,7 +173,7 @@ def test_eval_and_compare_commands_end_to_end(tmp_path, monkeypatch, digits_mlp,
     monkeypatch.setenv("DIFFLAB_CACHE", str(extractor_cache))  # digits-mlp is cached there
     cfg = load_config("configs/ddpm_digits.toml", [
         "train.steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.sample_every=0",
-        "train.tensorboard=false", "model.class_cond=true", "train.p_uncond=0.2"])
+        "train.tensorboard=false", "task.cond='class'", "task.p_uncond=0.2"])
     run = tmp_path / "run"
     train(cfg, run, progress=False)
     parser = build_parser()  # the real `difflab` command line, so its wiring is tested too

@@ -18,9 +18,24 @@ from difflab.errors import DifflabError
 from difflab.guidance import cfg as cfg_transform
 from difflab.guidance import classifier as classifier_transform
 from difflab.guidance.noisy_classifier import classifier_log_prob
-from difflab.training import generate, load_run
-from difflab.training.conditioning import Conditioner
-from difflab.training.guided import guided_inputs
+from difflab.sampling import draw, guidance_inputs, load_run
+from difflab.tasks import make_task
+
+
+def generate(den, shape, n, *, sampler, steps, seed=0, cond=None, null_cond=None, guide=None,
+             labels=None, clip_x0=False, batch_size=256):
+    """The sampling loop of difflab.generate (difflab.sampling.draw) with default grid and
+    options."""
+    if labels is not None:
+        cond = Cond(labels=torch.as_tensor(labels))
+    return draw(den, shape, n, sampler=sampler, steps=steps, grid="auto", grid_options={},
+                options={}, seed=seed, batch_size=batch_size, cond=cond, null_cond=null_cond,
+                guide=guide, clip_x0=clip_x0)[0]
+
+
+def guided_inputs(run, n, guidance, labels=None, prompts=None, negative_prompt=None):
+    return guidance_inputs(run, n, "none" if guidance is None else guidance, labels, prompts,
+                           negative_prompt)
 
 REPO = Path(__file__).resolve().parents[2]
 EMOJI = REPO.parent / "shared" / "data" / "emoji"
@@ -47,7 +62,7 @@ def class_run(tmp_path_factory) -> Path:
     """A class-conditional digits model with condition dropout, 2 steps."""
     out = tmp_path_factory.mktemp("cls") / "run"
     assert cli.main(["train", str(REPO / "configs" / "ddpm_digits.toml"), "--out", str(out),
-                     *sets("train.steps=2", "model.class_cond=true", "train.p_uncond=0.2")]) == 0
+                     *sets("train.steps=2", "task.cond='class'", "task.p_uncond=0.2")]) == 0
     return out
 
 
@@ -120,7 +135,7 @@ def test_guidance_needs_a_conditional_model_and_warns_without_dropout(class_run,
         guided_inputs(load_run(uncond), 2, None, labels=[1])
     nodrop = tmp_path / "nd"
     assert cli.main(["train", str(REPO / "configs" / "ddpm_digits.toml"), "--out", str(nodrop),
-                     *sets("train.steps=1", "model.class_cond=true")]) == 0
+                     *sets("train.steps=1", "task.cond='class'")]) == 0
     with pytest.warns(UserWarning, match="no unconditional branch"):
         guided_inputs(load_run(nodrop), 2, "cfg:3", labels=[1])
     with warnings.catch_warnings():
@@ -156,14 +171,14 @@ def test_classifier_guidance_bad_inputs(class_run, classifier_run, tmp_path, cap
         guided_inputs(load_run(class_run), 2, f"classifier:{class_run}:1", labels=[1])
     big = tmp_path / "big"
     assert cli.main(["train", str(REPO / "configs" / "ddpm_digits.toml"), "--out", str(big),
-                     *sets("train.steps=1", "model.class_cond=true", "train.p_uncond=0.1",
+                     *sets("train.steps=1", "task.cond='class'", "task.p_uncond=0.1",
                            "data.image_size=16")]) == 0
     with pytest.raises(DifflabError, match="image_size"):
         guided_inputs(load_run(big), 2, f"classifier:{classifier_run}:1", labels=[1])
     # a classifier trained on another noise path would read x_t at the wrong noise level
     linear = tmp_path / "linear"
     assert cli.main(["train", str(REPO / "configs" / "ddpm_digits.toml"), "--out", str(linear),
-                     *sets("train.steps=1", "model.class_cond=true", "train.p_uncond=0.1",
+                     *sets("train.steps=1", "task.cond='class'", "task.p_uncond=0.1",
                            'path={kind="discrete_linear"}')]) == 0
     with pytest.raises(DifflabError, match="'discrete_cosine'.*'discrete_linear'.*match"):
         guided_inputs(load_run(linear), 2, f"classifier:{classifier_run}:1", labels=[1])
@@ -191,22 +206,22 @@ def emoji_subset(tmp_path_factory) -> Path:
 
 def _text_cfg(root: Path, **extra):
     raw = {"model": {"preset": "tiny", "model_channels": 8, "num_heads": 1,
-                     "text_encoder": "minilm", **extra.pop("model", {})},
+                     **extra.pop("model", {})},
+           "task": {"cond": "text", "p_uncond": 0.5, **extra.pop("task", {})},
+           "text_encoder": {"name": "minilm", **extra.pop("text_encoder", {})},
            "data": {"name": "folder", "root": str(root), "image_size": 16},
-           "train": {"batch_size": 8, "steps": 2, "tensorboard": False, "p_uncond": 0.5,
+           "train": {"batch_size": 8, "steps": 2, "tensorboard": False,
                      "log_every": 1, "checkpoint_every": 2}, **extra}
     return config_from_dict(raw)
 
 
 def test_text_conditions_in_training(emoji_subset):
-    from difflab.builders import build_dataset, resolve_data_fields, resolve_text_fields
     from difflab.networks.text import load_text_encoder
 
-    cfg = _text_cfg(emoji_subset)
-    ds = build_dataset(cfg)
-    cfg = resolve_text_fields(resolve_data_fields(cfg, ds))
-    assert cfg.model.context_dim == 384
-    cond_er = Conditioner(cfg, ds.captions)
+    task = make_task(_text_cfg(emoji_subset))
+    ds = task.dataset
+    assert task.model_config.context_dim == 384
+    cond_er = task.conditioner
     enc = load_text_encoder("minilm")
     caps = ds.captions[:6]
     c = cond_er.training(Cond(extra={"captions": caps}), None, 0.0)
@@ -231,8 +246,7 @@ def test_text_conditions_in_training(emoji_subset):
 def test_text_prompts_negative_prompt_and_cycling(emoji_subset):
     from difflab.networks.text import load_text_encoder
 
-    cfg = _text_cfg(emoji_subset)
-    cond_er = Conditioner(cfg)
+    cond_er = make_task(_text_cfg(emoji_subset), for_training=False).conditioner
     enc = load_text_encoder("minilm")
     cond, null = cond_er.make(5, prompts=["red apple", "thumbs up"], negative_prompt="blurry")
     assert cond.context.shape[0] == 5 and null.context.shape == cond.context.shape
@@ -254,7 +268,7 @@ def test_text_to_image_run_through_the_cli(emoji_subset, tmp_path, capsys):
         "model.num_head_channels=8", "train.sample_every=2", "sample.n=4")]) == 0
     assert (out / "samples" / "step_2.png").is_file()
     run = load_run(out)
-    assert run.config.model.context_dim == 384
+    assert run.net.config.context_dim == 384
     for argv in (["--prompt", "red apple", "--guidance", "cfg:3"],
                  ["--prompt", "thumbs up", "--negative-prompt", "red apple", "--guidance",
                   "cfg:2"]):
@@ -279,39 +293,36 @@ def test_text_to_image_run_through_the_cli(emoji_subset, tmp_path, capsys):
 
 
 def test_text_config_errors(emoji_subset):
-    with pytest.raises(DifflabError, match="cannot both be set"):
-        _text_cfg(emoji_subset, model={"class_cond": True})
+    with pytest.raises(DifflabError, match="text_encoder.*reads no text"):
+        _text_cfg(emoji_subset, task={"cond": "class"})
     with pytest.raises(DifflabError, match="context_dim=64 does not match"):
-        from difflab.builders import resolve_text_fields
-
-        resolve_text_fields(_text_cfg(emoji_subset, model={"context_dim": 64}))
+        make_task(_text_cfg(emoji_subset, model={"context_dim": 64}))
     with pytest.raises(DifflabError, match="could not load text encoder"):
-        from difflab.builders import text_dim
-
-        text_dim(_text_cfg(emoji_subset, model={"text_encoder": "nobody/no-model"}))
+        make_task(_text_cfg(emoji_subset, text_encoder={"name": "nobody/no-model"}))
 
 
 def test_alignment_model_trains_from_a_config(emoji_subset, tmp_path):
     """``model.arch = "alignment"``: the batch's captions arrive as pooled MiniLM sentence
     embeddings, the contrastive loss trains it, and SDG reads it back from the run."""
-    from difflab.builders import build_dataset, resolve_data_fields
     from difflab.guidance import alignment_score
     from difflab.networks.noisy import NoisyModel
     from difflab.networks.text import load_text_encoder
     from difflab.training import train
 
-    raw = {"model": {"arch": "alignment", "preset": "tiny", "text_encoder": "minilm"},
-           "objective": {"name": "contrastive"},
+    raw = {"model": {"arch": "alignment", "preset": "tiny"}, "task": {"kind": "contrastive"},
+           "text_encoder": {"name": "minilm"}, "objective": {"name": "contrastive"},
            "data": {"name": "folder", "root": str(emoji_subset), "image_size": 16},
            "train": {"batch_size": 8, "steps": 2, "tensorboard": False, "log_every": 1,
                      "checkpoint_every": 2}}
     cfg = config_from_dict(raw)
-    ds = build_dataset(cfg)
-    cond_er = Conditioner(resolve_data_fields(cfg, ds), ds.captions)
-    c = cond_er.training(Cond(extra={"captions": ds.captions[:4]}), None, 0.5)
+    task = make_task(cfg)
+    ds = task.dataset
+    assert task.p_uncond() == 0.0  # the contrastive task never drops captions
+    c = task.conditioner.training(Cond(extra={"captions": ds.captions[:4]}), None,
+                                  task.p_uncond())
     torch.testing.assert_close(c.extra["text_emb"],
                                load_text_encoder("minilm").sentence(ds.captions[:4]),
-                               atol=1e-5, rtol=1e-4)  # never dropped: p_uncond is for U-Nets
+                               atol=1e-5, rtol=1e-4)
     result = train(cfg, tmp_path / "clip", progress=False)
     assert result.step == 2
     run = load_run(tmp_path / "clip")
@@ -324,7 +335,7 @@ def test_alignment_model_trains_from_a_config(emoji_subset, tmp_path):
 
         Trainer(config_from_dict({**raw, "train": {**raw["train"], "sample_every": 1}}),
                 tmp_path / "bad")
-    with pytest.raises(DifflabError, match="needs model.text_encoder"):
-        config_from_dict({**raw, "model": {"arch": "alignment", "preset": "tiny"}})
-    with pytest.raises(DifflabError, match="not a preset of arch='alignment'"):
+    with pytest.raises(DifflabError, match="family 'alignment'"):
+        config_from_dict({**raw, "model": {**raw["model"], "context_dim": 8}})
+    with pytest.raises(DifflabError, match="not a preset of family 'alignment'"):
         config_from_dict({**raw, "model": {**raw["model"], "preset": "base"}})

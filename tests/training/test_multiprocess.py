@@ -55,23 +55,19 @@ def test_two_processes_train_and_only_the_main_one_writes(tmp_path):
 
 
 def first_step_loss(run: Path) -> float:
-    from difflab.builders import (
-        build_dataset,
-        build_denoiser,
-        build_model,
-        build_objective,
-        build_path,
-    )
+    from difflab.builders import build_dataset, build_objective
     from difflab.config import load_config
     from difflab.data import collate
+    from difflab.tasks import make_task
     from difflab.training import BatchOrder, mix_seed
 
     cfg = load_config(run / "config.toml")
     t = cfg.train
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed(t.seed, 0))  # the initial weights of train.seed
-        net = build_model(cfg)
-    den = build_denoiser(cfg, net, build_path(cfg))
+        task = make_task(cfg, for_training=False)
+        net = task.build_model()
+    den = task.wrap(net)
     ds, objective = build_dataset(cfg), build_objective(cfg)
     order = BatchOrder(len(ds), t.seed, t.batch_size, t.grad_accum, num_processes=2)
     losses = []

@@ -10,8 +10,16 @@ from difflab.denoiser import FnDenoiser
 from difflab.errors import DifflabError
 from difflab.paths import EDM, VP, Linear
 from difflab.prediction import Prediction
-from difflab.training import generate, sampling_grid
-from difflab.training.sampling import auto_grid_name
+from difflab.sampling import auto_grid_name, draw, sampling_grid
+
+
+def generate(den, shape, n, *, sampler, steps=50, seed=0, batch_size=256, labels=None,
+             clip_x0=False):
+    """The sampling loop of difflab.generate with the default grid and no guidance."""
+    cond = None if labels is None else Cond(labels=labels)
+    return draw(den, shape, n, sampler=sampler, steps=steps, grid="auto", grid_options={},
+                options={}, seed=seed, batch_size=batch_size, cond=cond, null_cond=None,
+                guide=None, clip_x0=clip_x0)[0]
 
 
 def constant_x0(value: float, path=None, seen: list | None = None, gain: float = 0.0
