@@ -247,7 +247,7 @@ def register_upgrade(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    from difflab.upgrade import upgrade_file
+    from difflab.config import upgrade_file
 
     file, text = upgrade_file(args.target, dry_run=args.dry_run)
     if args.dry_run:

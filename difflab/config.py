@@ -465,3 +465,28 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     tmp.write_text(config_to_toml(cfg))
     os.replace(tmp, path)
     return path
+
+
+def upgrade_file(path: str | os.PathLike, dry_run: bool = False) -> tuple[Path, str]:
+    """Convert a config file or a run folder's ``config.toml`` in place (atomically; the old
+    file kept as ``<name>.v1``). Returns ``(file, new TOML)``."""
+    from difflab.upgrade import is_legacy, upgrade_config
+
+    p = Path(path)
+    file = p / "config.toml" if p.is_dir() else p
+    if not file.is_file():
+        raise DifflabError(f"{p} is neither a config file nor a run folder with config.toml")
+    raw = read_toml(file)
+    if not is_legacy(raw):
+        raise DifflabError(f"{file} already uses the version-2 layout: nothing to convert")
+    new = upgrade_config(raw)
+    config_from_dict(new, f"converted {file}")  # never write what will not load
+    text = tomli_w.dumps(new)
+    if not dry_run:
+        backup = file.with_name(file.name + ".v1")
+        if not backup.exists():
+            backup.write_text(file.read_text())
+        tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, file)
+    return file, text

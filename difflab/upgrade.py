@@ -28,8 +28,6 @@ layouts when they are loaded (:func:`difflab.components.upgrade_weights`).
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 from typing import Any
 
 from difflab.errors import DifflabError
@@ -98,30 +96,3 @@ def upgrade_config(raw: dict[str, Any]) -> dict[str, Any]:
         new["train"] = train
     out.update(new)
     return out
-
-
-def upgrade_file(path: str | os.PathLike, dry_run: bool = False) -> tuple[Path, str]:
-    """Convert a config file or a run folder's ``config.toml`` in place (atomically; the old
-    file kept as ``<name>.v1``). Returns ``(file, new TOML)``."""
-    import tomli_w
-
-    from difflab.config import config_from_dict, read_toml
-
-    p = Path(path)
-    file = p / "config.toml" if p.is_dir() else p
-    if not file.is_file():
-        raise DifflabError(f"{p} is neither a config file nor a run folder with config.toml")
-    raw = read_toml(file)
-    if not is_legacy(raw):
-        raise DifflabError(f"{file} already uses the version-2 layout: nothing to convert")
-    new = upgrade_config(raw)
-    config_from_dict(new, f"converted {file}")  # never write what will not load
-    text = tomli_w.dumps(new)
-    if not dry_run:
-        backup = file.with_name(file.name + ".v1")
-        if not backup.exists():
-            backup.write_text(file.read_text())
-        tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, file)
-    return file, text

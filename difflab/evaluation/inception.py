@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from difflab.errors import DifflabError
+from difflab.evaluation.extractor import FeatureExtractor, cache_dir
 
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 # torch-fidelity's port of the TF graph (its own state-dict layout; pytorch-fid's similarly
@@ -42,7 +43,6 @@ def inception_weights_path(explicit: str | os.PathLike | None = None) -> Path:
     env = os.environ.get("DIFFLAB_INCEPTION_WEIGHTS")
     if env:
         return Path(env)
-    from difflab.evaluation.features import cache_dir
 
     return cache_dir() / "weights" / WEIGHTS_NAME
 
@@ -73,7 +73,6 @@ def inception_extractor(weights: str | os.PathLike | None = None):
         MissingWeightsError: the weights file is absent (names the path and the file).
         DifflabError: torchmetrics / torch-fidelity are not installed.
     """
-    from difflab.evaluation.features import FeatureExtractor
 
     path = inception_weights_path(weights)
     if not path.is_file():

@@ -24,7 +24,12 @@ from difflab.cond import Cond
 from difflab.errors import DifflabError, bad_value
 from difflab.networks.noisy import NoisyModel
 from difflab.objectives.base import check_x0, draw_noise
-from difflab.objectives.time import TimeSampler, as_time_sampler, build_time_sampler
+from difflab.objectives.time import (
+    TimeSampler,
+    as_time_sampler,
+    build_time_sampler,
+    optional_time_sampler,
+)
 from difflab.paths.base import as_time
 
 __all__ = ["NoisyClassifierLoss", "check_labels"]
@@ -144,7 +149,5 @@ def _check_model(model: NoisyModel) -> NoisyModel:
 def _classifier(*, time_sampler: str | None = None, t_min: float | None = None,
                 t_max: float | None = None, label_smoothing: float = 0.0) -> NoisyClassifierLoss:
     """Registry factory (``build_objective("classifier", ...)``)."""
-    from difflab.objectives.registry import _sampler  # local: the registry imports this module
-
-    sampler = _sampler(time_sampler, t_min=t_min, t_max=t_max)
+    sampler = optional_time_sampler(time_sampler, t_min=t_min, t_max=t_max)
     return NoisyClassifierLoss(time_sampler=sampler, label_smoothing=label_smoothing)

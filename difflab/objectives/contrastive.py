@@ -38,10 +38,10 @@ from difflab.cond import Cond
 from difflab.errors import DifflabError
 from difflab.objectives.base import check_x0, draw_noise
 from difflab.objectives.time import (
-    TIME_SAMPLERS,
     TimeSampler,
     as_time_sampler,
     build_time_sampler,
+    optional_time_sampler,
 )
 from difflab.paths.base import as_time
 
@@ -157,12 +157,5 @@ def _contrastive(*, time_sampler: str | None = None, t_min: float | None = None,
                  t_max: float | None = None) -> ContrastiveLoss:
     """Registry factory (``build_objective("contrastive", ...)``): a named time sampler with
     ``t_min`` / ``t_max`` (``uniform``), or None for the path's default."""
-    given = {k: v for k, v in {"t_min": t_min, "t_max": t_max}.items() if v is not None}
-    if time_sampler is None:
-        if given:
-            raise DifflabError(
-                f"time-sampler options {sorted(given)} were given without time_sampler: name "
-                "one of " + ", ".join(repr(k) for k in TIME_SAMPLERS)
-            )
-        return ContrastiveLoss()
-    return ContrastiveLoss(time_sampler=build_time_sampler(time_sampler, **given))
+    return ContrastiveLoss(time_sampler=optional_time_sampler(time_sampler, t_min=t_min,
+                                                              t_max=t_max))

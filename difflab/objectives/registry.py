@@ -14,21 +14,8 @@ from difflab.objectives.base import Objective
 from difflab.objectives.classifier import _classifier
 from difflab.objectives.contrastive import _contrastive
 from difflab.objectives.denoising import DenoisingLoss, dsm_loss, edm_loss, flow_matching_loss
-from difflab.objectives.time import TIME_SAMPLERS, TimeSampler, build_time_sampler
+from difflab.objectives.time import optional_time_sampler as _sampler
 from difflab.objectives.vlb import HybridLoss
-
-
-def _sampler(name: str | None, **params) -> TimeSampler | None:
-    """Build a named time sampler from the options that were given (None = not given)."""
-    given = {k: v for k, v in params.items() if v is not None}
-    if name is None:
-        if given:
-            raise DifflabError(
-                f"time-sampler options {sorted(given)} were given without time_sampler: name "
-                "one of " + ", ".join(repr(k) for k in TIME_SAMPLERS)
-            )
-        return None
-    return build_time_sampler(name, **given)
 
 
 def _denoising(*, target: str = "eps", weighting: str = "uniform",

@@ -168,3 +168,16 @@ def as_time_sampler(sampler: TimeSampler | str | None, path: GaussianPath) -> Ti
         raise bad_value("time_sampler", sampler,
                         "None, a name (" + ", ".join(TIME_SAMPLERS) + ") or a TimeSampler")
     return sampler
+
+
+def optional_time_sampler(name: str | None, **params) -> TimeSampler | None:
+    """Build a named time sampler from the options that were given (None = not given)."""
+    given = {k: v for k, v in params.items() if v is not None}
+    if name is None:
+        if given:
+            raise DifflabError(
+                f"time-sampler options {sorted(given)} were given without time_sampler: name "
+                "one of " + ", ".join(repr(k) for k in TIME_SAMPLERS)
+            )
+        return None
+    return build_time_sampler(name, **given)
