@@ -19,6 +19,24 @@ from difflab.samplers.noise import as_noise
 VARIANCES = ("small", "large", "learned")
 
 
+def _std_small(path, pred, t, s, var):
+    """``beta_tilde``: the posterior variance (DDPM Sec. 3.2, sigma_t^2 = beta_tilde_t)."""
+    return math.sqrt(float(var))
+
+
+def _std_large(path, pred, t, s, var):
+    """``beta``: the forward transition variance ``sigma^2_{t|s}`` (DDPM Sec. 3.2)."""
+    return math.sqrt(float(path.transition(t, s)[1]))
+
+
+def _std_learned(path, pred, t, s, var):
+    """iDDPM eq. 15: the model's interpolation between ``log beta`` and ``log beta_tilde``."""
+    return torch.exp(0.5 * pred.reverse_log_var(s))
+
+
+_STD = {"small": _std_small, "large": _std_large, "learned": _std_learned}
+
+
 @register("ddpm", stochastic=True, order=1)
 def ddpm(den: DenoiserBase, x: torch.Tensor, grid, *, variance: str = "small", noise=None,
          hooks=None) -> torch.Tensor:
@@ -37,6 +55,7 @@ def ddpm(den: DenoiserBase, x: torch.Tensor, grid, *, variance: str = "small", n
         raise bad_value("variance", variance,
                         "'small' or 'large': this denoiser does not learn its variance "
                         "(build it with learned_variance=True)")
+    std_of = _STD[variance]  # chosen once, not per step
     n = grid.numel() - 1
     for i in range(n):
         t, s = grid[i], grid[i + 1]
@@ -46,13 +65,7 @@ def ddpm(den: DenoiserBase, x: torch.Tensor, grid, *, variance: str = "small", n
         else:
             c_xt, c_x0, var = path.posterior(t, s)
             mean = float(c_xt) * x + float(c_x0) * pred.x0
-            if variance == "learned":
-                std = torch.exp(0.5 * pred.reverse_log_var(s))
-            elif variance == "large":
-                std = math.sqrt(float(path.transition(t, s)[1]))
-            else:
-                std = math.sqrt(float(var))
-            x = mean + std * noise.randn_like(x)
+            x = mean + std_of(path, pred, t, s, var) * noise.randn_like(x)
         x = after_step(hooks, i, n, t, s, x, pred)
     return x
 
