@@ -268,6 +268,7 @@ def test_text_to_image_run_through_the_cli(emoji_subset, tmp_path, capsys):
         "model.num_head_channels=8", "train.sample_every=2", "sample.n=4")]) == 0
     assert (out / "samples" / "step_2.png").is_file()
     run = load_run(out)
+    assert run.config.model.context_dim == 384  # the resolved config records it
     assert run.net.config.context_dim == 384
     for argv in (["--prompt", "red apple", "--guidance", "cfg:3"],
                  ["--prompt", "thumbs up", "--negative-prompt", "red apple", "--guidance",
@@ -318,6 +319,11 @@ def test_alignment_model_trains_from_a_config(emoji_subset, tmp_path):
     task = make_task(cfg)
     ds = task.dataset
     assert task.p_uncond() == 0.0  # the contrastive task never drops captions
+    with pytest.raises(DifflabError, match="p_uncond does not apply to task kind 'contrastive'"):
+        config_from_dict({**raw, "task": {"kind": "contrastive", "p_uncond": 0.5}})
+    # v1 required model.text_encoder; v2's contrastive task reads MiniLM without [text_encoder]
+    bare = make_task(config_from_dict({k: v for k, v in raw.items() if k != "text_encoder"}))
+    assert bare.text_config == task.text_config and bare.text_config.name == "minilm"
     c = task.conditioner.training(Cond(extra={"captions": ds.captions[:4]}), None,
                                   task.p_uncond())
     torch.testing.assert_close(c.extra["text_emb"],
