@@ -34,8 +34,8 @@ _LAZY = {
     "register_family": "difflab.components", "families": "difflab.components",
     "Family": "difflab.components", "DataSpec": "difflab.components",
     "SampleRequest": "difflab.sampling", "Samples": "difflab.sampling",
-    "generate": "difflab.sampling", "load_run": "difflab.sampling",
-    "LoadedRun": "difflab.sampling", "register_task": "difflab.tasks",
+    "generate": "difflab.sampling", "load_run": "difflab.runs",
+    "LoadedRun": "difflab.runs", "register_task": "difflab.tasks",
 }
 __all__ += sorted(_LAZY)
 

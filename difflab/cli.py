@@ -84,9 +84,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from accelerate.utils import broadcast_object_list
 
     from difflab.config import load_config
+    from difflab.runs import CONFIG_FILE
     from difflab.tasks import make_task
     from difflab.training import Trainer, make_accelerator
-    from difflab.training.trainer import CONFIG_FILE
 
     if args.config is None and args.resume is None:
         raise DifflabError("train needs a CONFIG (or --resume RUN to continue a run)")

@@ -31,6 +31,7 @@ from accelerate.state import AcceleratorState
 from difflab.config import Config, save_config
 from difflab.data import save_image_grid
 from difflab.errors import DifflabError
+from difflab.runs import CONFIG_FILE
 from difflab.training.checkpoint import (
     STATE_FILE,
     CheckpointError,
@@ -45,8 +46,6 @@ from difflab.training.checkpoint import (
 from difflab.training.data import BatchOrder, micro_batches, mix_seed
 from difflab.training.ema import EMA
 from difflab.training.logging import MetricsLogger, Progress
-
-CONFIG_FILE = "config.toml"
 
 logger = logging.getLogger("difflab.training")
 
@@ -179,7 +178,7 @@ class Trainer:
 
     # ----- resume -----------------------------------------------------------------------------
     def _resume(self, parts: dict[str, torch.nn.Module]) -> None:
-        from difflab.sampling import load_part
+        from difflab.runs import load_part
         from difflab.training.checkpoint import verify_checkpoint
 
         if self.acc.is_main_process:
