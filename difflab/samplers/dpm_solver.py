@@ -55,6 +55,7 @@ from difflab.samplers.exponential import (
     hphi,
     node_at,
     nodes,
+    per_row,
     prepare,
     step_orders,
     warn_fallback,
@@ -123,16 +124,6 @@ class Rows:
             getattr(self, name)[idx] = getattr(to, name)[keep]
 
 
-def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-sample coefficient ``(B,)`` in ``x``'s dtype, broadcast over the data dims."""
-    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def _dpm1(x, eps, t: Rows, s: Rows) -> torch.Tensor:
-    """DPM-Solver-1 (eq. 3.7) with per-sample coefficients."""
-    return _col(s.alpha / t.alpha, x) * x - _col(s.sigma * torch.expm1(s.lam - t.lam), x) * eps
-
-
 def dpm_solver_ladder(den, hooks, x, eps, t: Rows, s: Rows, r1: float, third: bool):
     """DPM-Solver-1, -2 and (when ``third``) -3 from ``t`` to ``s``, sharing evaluations.
 
@@ -143,19 +134,16 @@ def dpm_solver_ladder(den, hooks, x, eps, t: Rows, s: Rows, r1: float, third: bo
     """
     path, h = den.path, s.lam - t.lam
     s1 = Rows.at_lam(path, t.lam + r1 * h)
-    d1 = predict(den, _dpm1(x, eps, t, s1), s1.t, hooks).eps - eps
-    x_1 = _dpm1(x, eps, t, s)
-    x_2 = x_1 - _col(s.sigma * torch.expm1(h) / (2 * r1), x) * d1
+    d1 = predict(den, first_order(NOISE, x, t, s1, eps), s1.t, hooks).eps - eps
+    x_1 = first_order(NOISE, x, t, s, eps)
+    x_2 = x_1 - per_row(s.sigma * hphi(1, h, 1.0) / (2 * r1), x) * d1
     if not third:
         return x_1, x_2, None
     s2 = Rows.at_lam(path, t.lam + R2 * h)
-    u2 = _dpm1(x, eps, t, s2) - _col(s2.sigma * _hphi2(R2 * h) / (r1 * h), x) * d1
+    u2 = (first_order(NOISE, x, t, s2, eps)
+          - per_row(s2.sigma * hphi(2, R2 * h, 1.0) / (r1 * h), x) * d1)
     d2 = predict(den, u2, s2.t, hooks).eps - eps
-    return x_1, x_2, x_1 - _col(s.sigma * _hphi2(h) / (R2 * h), x) * d2
-
-
-def _hphi2(h: torch.Tensor) -> torch.Tensor:
-    return torch.expm1(h) - h  # h^2 phi_2(h) = e^h - 1 - h
+    return x_1, x_2, x_1 - per_row(s.sigma * hphi(2, h, 1.0) / (R2 * h), x) * d2
 
 
 def _dpm2_step(r1: float) -> StepFn:

@@ -57,18 +57,28 @@ def node_at(path: GaussianPath, lam_value: float) -> Node:
     return Node(t, float(path.alpha(t)), float(path.sigma(t)), lam_value)
 
 
-def hphi(k: int, h: float, sign: float) -> float:
+def hphi(k: int, h, sign: float):
     """``h^k phi_k(sign h)``: the weight of ``f^(k-1)`` in the exponential integrator.
 
     ``z^k phi_k(z) = e^z - sum_{j<k} z^j / j!`` (computed with ``expm1``), divided by
     ``sign^k`` (``sign = +-1``). ``hphi(1, h, +1) = e^h - 1``, ``hphi(1, h, -1) = 1 - e^-h``.
+    ``h`` is a float (one step for the whole batch) or a float64 tensor (one step per row).
     """
     z = sign * h
-    acc, term = math.expm1(z), 1.0
+    acc = torch.expm1(z) if isinstance(z, torch.Tensor) else math.expm1(z)
+    term = 1.0
     for j in range(1, k):
-        term *= z / j
-        acc -= term
+        term = term * z / j
+        acc = acc - term
     return acc * sign**k
+
+
+def per_row(v, x: torch.Tensor):
+    """A step coefficient ready to multiply ``x``: a float as it is, a per-sample ``(B,)``
+    tensor in ``x``'s dtype broadcast over the data dims."""
+    if isinstance(v, torch.Tensor):
+        return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return v
 
 
 @dataclass(frozen=True)
@@ -84,10 +94,14 @@ DATA = Form(lambda p: p.x0, -1.0, lambda t, s: (s.sigma / t.sigma, s.alpha))
 NOISE = Form(lambda p: p.eps, 1.0, lambda t, s: (s.alpha / t.alpha, -s.sigma))
 
 
-def first_order(form: Form, x: torch.Tensor, t: Node, s: Node, f: torch.Tensor) -> torch.Tensor:
-    """DPM-Solver-1 (eq. 3.7) / DPM-Solver++1: ``A x + C h phi_1 f``; this is DDIM."""
+def first_order(form: Form, x: torch.Tensor, t, s, f: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver-1 (eq. 3.7) / DPM-Solver++1: ``A x + C h phi_1 f``; this is DDIM.
+
+    ``t`` and ``s`` are :class:`Node` s (the whole batch steps together) or per-sample rows with
+    tensor ``alpha, sigma, lam`` (the adaptive solver, where each row has its own step).
+    """
     A, C = form.coefs(t, s)
-    return A * x + (C * hphi(1, s.lam - t.lam, form.sign)) * f
+    return per_row(A, x) * x + per_row(C * hphi(1, s.lam - t.lam, form.sign), x) * f
 
 
 def split_grid(grid: torch.Tensor) -> tuple[torch.Tensor, bool]:
