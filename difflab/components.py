@@ -306,7 +306,7 @@ def save(module: Any, directory: str | os.PathLike, metadata: Mapping[str, Any] 
          state_dict: Mapping[str, Any] | None = None) -> Path:
     """Write ``directory/config.json`` + ``model.safetensors`` atomically (temporary folder,
     then rename). ``state_dict`` overrides the module's own (e.g. EMA weights)."""
-    from safetensors.torch import save_file
+    from difflab.fileio import save_safetensors
 
     fam, config = family_of(module)
     out = Path(directory)
@@ -321,8 +321,8 @@ def save(module: Any, directory: str | os.PathLike, metadata: Mapping[str, Any] 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / CONFIG_JSON).write_text(json.dumps(meta, indent=1) + "\n")
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"family": fam.name,
-                                                     "family_version": str(fam.version)})
+    save_safetensors(tensors, tmp / WEIGHTS, metadata={"family": fam.name,
+                                                       "family_version": str(fam.version)})
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)

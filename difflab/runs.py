@@ -181,7 +181,7 @@ def _pick_checkpoint(run: Path, name: str | None) -> Path:
         return ckpt
     except CheckpointError as e:
         logger.warning("%s; using the newest checkpoint that verifies", e)
-    found = resumable_checkpoint(run / "checkpoints")
+    found = resumable_checkpoint(run / "checkpoints", move_aside=False)
     if found is None:
         raise CheckpointError(f"no complete checkpoint in {run / 'checkpoints'}")
     return found

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from difflab.data.base import DataError, logger
+from difflab.fileio import publish
 
 _CHUNK = 1 << 20
 _USER_AGENT = "difflab-data/0.1 (+https://pypi.org/project/difflab)"
@@ -59,7 +60,7 @@ def _fetch_once(url: str, dest: Path, md5: str | None, timeout: float) -> None:
                 out.write(chunk)
         if md5 is not None and h.hexdigest() != md5.lower():
             raise DownloadError(f"checksum mismatch: md5 {h.hexdigest()}, expected {md5.lower()}")
-        os.replace(tmp, dest)
+        publish(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from difflab.errors import bad_value
+from difflab.fileio import publish
 
 ResizeMethod = Literal["nearest", "bilinear", "bicubic", "area", "lanczos"]
 Fit = Literal["crop", "stretch", "pad"]
@@ -246,7 +247,7 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from difflab.data.base import ImageDataset, holdout_indices
 from difflab.errors import DifflabError, bad_value
@@ -43,6 +43,7 @@ from difflab.evaluation.nets import (
     TrainConfig,
     train_net,
 )
+from difflab.fileio import publish, save_safetensors
 
 FORMAT_VERSION = 1  # bump when a network or the training loop changes: new cache keys
 
@@ -149,7 +150,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -198,7 +199,7 @@ def train_extractor(name: str, data: ImageDataset | tuple | None = None,
             "config": spec.config_dict()}
     weights, info = _paths(name, key, root)
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    _atomic_write(weights, lambda p: save_file(state, str(p)))
+    _atomic_write(weights, lambda p: save_safetensors(state, p))
     _atomic_write(info, lambda p: p.write_text(json.dumps(meta, indent=2)))
     return FeatureExtractor(name, net, spec.channels, spec.image_size, net.dim, meta,
                             has_logits=spec.labelled)

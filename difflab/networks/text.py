@@ -377,14 +377,15 @@ class CaptionEmbeddings:
         """Atomic write (temporary name, then rename) of tensors plus the caption list."""
         import json
 
-        from safetensors.torch import save_file
+        from difflab.fileio import save_safetensors
 
         file = Path(file)
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-        save_file({"tokens": self.tokens.contiguous(), "mask": self.mask.to(torch.uint8),
-                   "sentence": self.sentence_emb.contiguous()}, str(tmp),
-                  metadata={"captions": json.dumps(self.captions)})
+        save_safetensors({"tokens": self.tokens.contiguous(),
+                          "mask": self.mask.to(torch.uint8),
+                          "sentence": self.sentence_emb.contiguous()}, tmp,
+                         metadata={"captions": json.dumps(self.captions)})
         os.replace(tmp, file)
         return file
 

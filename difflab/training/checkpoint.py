@@ -26,10 +26,10 @@ from typing import Any
 import safetensors
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from difflab.errors import DifflabError
+from difflab.fileio import save_safetensors
 
 logger = logging.getLogger("difflab.training")
 _SafetensorError = getattr(safetensors, "SafetensorError", RuntimeError)
@@ -91,10 +91,10 @@ def _sha256(path: Path) -> str:
 
 
 def _slow_hook(step: int) -> None:
-    """Test hook: ``DIFFLAB_TEST_SLOW_CHECKPOINT="STEP:SECONDS"`` sleeps inside that write."""
-    spec = os.environ.get(SLOW_HOOK)
-    if spec:
-        at, _, seconds = spec.partition(":")
+    """Test hook: ``DIFFLAB_TEST_SLOW_CHECKPOINT="STEP:SECONDS[,STEP:SECONDS...]"`` sleeps
+    inside the write of those steps."""
+    for item in filter(None, os.environ.get(SLOW_HOOK, "").split(",")):
+        at, _, seconds = item.partition(":")
         if int(at) == step:
             time.sleep(float(seconds))
 
@@ -144,11 +144,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: dict[str, torch.T
     for i, (name, (weights, ema_weights)) in enumerate(all_parts.items()):
         own = {**meta, **(part_metadata or {}).get(name, {})}
         raw_file, ema_file = part_files(name)
-        save_file(weights, str(tmp / raw_file), metadata=own)
+        save_safetensors(weights, tmp / raw_file, metadata=own)
         _fsync_file(tmp / raw_file)
         if i == 0:
             _slow_hook(step)
-        save_file(ema_weights, str(tmp / ema_file), metadata={**own, "ema": "true"})
+        save_safetensors(ema_weights, tmp / ema_file, metadata={**own, "ema": "true"})
         _fsync_file(tmp / ema_file)
         names += [raw_file, ema_file]
     torch.save(training_state, tmp / STATE_FILE)
@@ -167,7 +167,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: dict[str, torch.T
     os.replace(tmp, final)
     _fsync_dir(root)
     _write_latest(root, final.name)
-    prune(root, keep)
+    prune(root, keep, protect=final)
     return final
 
 
@@ -178,12 +178,44 @@ def _write_latest(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
-def prune(root: str | os.PathLike, keep: int | None) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints."""
+def prune(root: str | os.PathLike, keep: int | None, protect: Path | None = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints, never ``protect`` (the one just written).
+
+    A checkpoint with a higher step than ``protect`` is left over from before a resume that
+    fell back past it; it is verified, and moved aside (:func:`quarantine`) when it fails,
+    so the last checkpoint that verifies can never be pruned in favour of a corrupt one.
+    """
     if keep is None:
         return
-    for _, path in list_checkpoints(root)[:-keep]:
+    found = list_checkpoints(root)
+    if protect is not None:
+        at = next((s for s, p in found if p == Path(protect)), None)
+        for step, path in found:
+            if at is not None and step > at:
+                try:
+                    verify_checkpoint(path)
+                except CheckpointError as e:
+                    quarantine(path, str(e))
+        found = list_checkpoints(root)
+    for _, path in found[:-keep]:
+        if protect is not None and path == Path(protect):
+            continue
         shutil.rmtree(path, ignore_errors=True)
+
+
+def quarantine(path: str | os.PathLike, reason: str | None = None) -> Path:
+    """Move a checkpoint that fails verification aside as ``step_N.corrupt`` (``.corrupt-2``,
+    ... when taken): never deleted, never read again, and reported with the reason."""
+    path = Path(path)
+    dest, k = path.with_name(path.name + ".corrupt"), 1
+    while dest.exists():
+        k += 1
+        dest = path.with_name(f"{path.name}.corrupt-{k}")
+    os.replace(path, dest)
+    why = f" ({reason})" if reason else ""
+    logger.warning("checkpoint %s failed verification%s; moved aside to %s (not deleted)",
+                   path.name, why, dest)
+    return dest
 
 
 def remove_partial(root: str | os.PathLike) -> list[Path]:
@@ -265,8 +297,10 @@ def resolve_checkpoint(run_or_ckpt: str | os.PathLike, name: str | None = None) 
     return found[-1][1]
 
 
-def resumable_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest checkpoint that verifies; skipping (with a warning) any that do not."""
+def resumable_checkpoint(root: str | os.PathLike, move_aside: bool = True) -> Path | None:
+    """The newest checkpoint that verifies. Newer ones that do not are skipped with a warning
+    and (``move_aside``, on the process that writes) moved aside by :func:`quarantine`, so a
+    later prune cannot keep them in place of the good one."""
     for step, path in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(path)
@@ -274,6 +308,8 @@ def resumable_checkpoint(root: str | os.PathLike) -> Path | None:
         except CheckpointError as e:
             logger.warning("skipping checkpoint step_%d: %s; falling back to the previous one",
                            step, e)
+            if move_aside:
+                quarantine(path)
     return None
 
 

@@ -113,6 +113,28 @@ def test_truncated_safetensors_is_named_and_the_previous_checkpoint_is_used(tmp_
     assert "skipping checkpoint step_4" in caplog.text and "falling back" in caplog.text
 
 
+def test_pruning_never_deletes_the_good_checkpoint_in_favour_of_a_corrupt_one(tmp_path, caplog):
+    # a run fell back from a corrupt step_4 to step_2 and then wrote step_3 (e.g. a time limit)
+    write(tmp_path, 2)
+    write(tmp_path, 4)
+    f = tmp_path / "step_4" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:40])
+    with caplog.at_level(logging.WARNING, logger="difflab.training"):
+        write(tmp_path, 3, keep=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3]
+    verify_checkpoint(tmp_path / "step_3")
+    moved = tmp_path / "step_4.corrupt"
+    assert len((moved / "model.safetensors").read_bytes()) == 40  # the same files, kept
+    assert moved.is_dir() and not (tmp_path / "step_4").exists()  # renamed, not deleted
+    assert "moved aside to" in caplog.text and "step_4.corrupt" in caplog.text
+    # a second corrupt step_4 later does not overwrite the first one moved aside
+    write(tmp_path, 4)
+    g = tmp_path / "step_4" / "ema.safetensors"
+    g.write_bytes(g.read_bytes()[:40])
+    assert resumable_checkpoint(tmp_path) == tmp_path / "step_3"
+    assert moved.is_dir() and (tmp_path / "step_4.corrupt-2").is_dir()
+
+
 def test_same_size_corruption_is_caught_by_the_hash(tmp_path):
     write(tmp_path, 1)
     f = tmp_path / "step_1" / "ema.safetensors"
@@ -170,7 +192,8 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with caplog.at_level(logging.WARNING, logger="difflab.training"):
         train(tiny("train.steps=6"), run, resume=True)
-    assert "step_4" in caplog.text
+    assert "step_4" in caplog.text and "moved aside" in caplog.text
+    assert (run / "checkpoints" / "step_4.corrupt" / "model.safetensors").is_file()
     a = read_safetensors(straight / "checkpoints" / "step_6" / "model.safetensors")
     b = read_safetensors(run / "checkpoints" / "step_6" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from step 2, still exact
