@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shlex
 import sys
 import textwrap
 import time
@@ -114,9 +115,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     time_limit = args.minutes * 60 if args.minutes is not None else None
     result = trainer.fit(time_limit)
     if acc.is_main_process:
-        print(f"trained {result.step} steps in {result.seconds:.0f} s; checkpoint "
+        preview = (f" (+ {result.preview_seconds:.0f} s of preview grids)"
+                   if result.preview_seconds else "")
+        print(f"trained {result.step} steps in {result.seconds:.0f} s{preview}; checkpoint "
               f"{result.checkpoint}", file=sys.stderr)
+        if result.stopped in ("interrupted", "time_limit") and result.step < cfg.train.steps:
+            print(f"continue with: difflab train --resume {shlex.quote(str(run_dir))}",
+                  file=sys.stderr)
     acc.end_training()
+    if result.stopped == "interrupted":
+        import signal
+
+        return 128 + int(getattr(signal, result.signal, signal.SIGINT))
     return 0
 
 

@@ -240,6 +240,10 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = Field(default=100, ge=1)
     sample_every: int = Field(default=0, ge=0)
+    # the preview grids (every sample_every steps and at the end): a fast solver by default,
+    # "sample" = the [sample] section's sampler and steps (e.g. DDPM's 1000 steps)
+    preview_sampler: str = "dpmpp_2m"
+    preview_steps: int = Field(default=20, ge=1)
     checkpoint_every: int = Field(default=1000, ge=1)
     keep_checkpoints: int = Field(default=3, ge=1)
     channels_last: bool = False
@@ -250,6 +254,16 @@ class TrainConfig(Section):
     def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not all(0.0 <= b < 1.0 for b in v):
             raise ValueError(f"train.adam_betas={list(v)}: expected two numbers in [0, 1)")
+        return v
+
+    @field_validator("preview_sampler")
+    @classmethod
+    def _preview_sampler(cls, v: str) -> str:
+        from difflab.samplers import SAMPLERS
+
+        if v != "sample" and v not in SAMPLERS:
+            raise ValueError(f"train.preview_sampler={v!r} is not valid: expected 'sample' (the "
+                             f"[sample] settings) or one of {', '.join(sorted(SAMPLERS))}")
         return v
 
 

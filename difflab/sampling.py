@@ -201,12 +201,13 @@ def generate(request: SampleRequest) -> Samples:
     progress = request.progress
     if progress is True:
         progress = f"sampling {st['sampler']}"
+    options, moments_file = sampler_inputs(run, st)
     counter = _CountCalls(getattr(run.denoiser, "net", None))
     start = time.perf_counter()
     try:
         x, seeds = draw(run.denoiser, run.sample_shape, n, sampler=st["sampler"],
                         steps=st["steps"], grid=st["grid"], grid_options=st["grid_options"],
-                        options=st["options"], seed=st["seed"], batch_size=st["batch_size"],
+                        options=options, seed=st["seed"], batch_size=st["batch_size"],
                         cond=cond, null_cond=null, guide=guide, clip_x0=st["clip_x0"],
                         hooks=request.hooks, device=request.device, progress=progress or None)
     finally:
@@ -220,7 +221,33 @@ def generate(request: SampleRequest) -> Samples:
         nfe = int(per_sample) if float(per_sample).is_integer() else round(per_sample, 2)
     meta = {**st, "checkpoint": None if run.checkpoint is None else str(run.checkpoint),
             "step": run.step, "ema": run.ema}
+    if moments_file is not None:
+        meta["moments"] = moments_file
     return Samples(x, seeds, nfe, seconds, meta)
+
+
+def sampler_inputs(run: LoadedRun, st: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The sampler options of resolved settings ``st`` with what the sampler needs from the
+    run: Analytic-DPM's ``moments`` (``Gamma_t``, Bao et al. 2022 eq. 8) are estimated from the
+    run's training data at the grid's times and cached in ``RUN/moments``
+    (:func:`difflab.moments.run_moments`), or read from ``options["moments"] = FILE``. Returns
+    ``(options, the moments file or None)``."""
+    from difflab.samplers import get_sampler
+
+    options = st["options"]
+    if "moments" not in get_sampler(st["sampler"]).needs_extra:
+        return options, None
+    from difflab import moments
+
+    given = options.get("moments")
+    if isinstance(given, (str, os.PathLike)):
+        return {**options, "moments": moments.checked_file(given)}, os.fspath(given)
+    if given is not None:
+        return options, None
+    t_grid = sampling_grid(run.path, st["steps"], st["grid"], st["grid_options"])
+    mom, file = moments.run_moments(run, t_grid, condition="data", batch_size=st["batch_size"],
+                                    what=f"sampler {st['sampler']!r}")
+    return {**options, "moments": mom}, None if file is None else str(file)
 
 
 class _CountCalls:
@@ -273,7 +300,21 @@ def draw(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str, steps
     out = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n, desc=progress, disable=progress is None, unit="img", leave=False)
+    batches = -(-n // batch_size)
+    per_step = progress is not None and "hooks" in spec.options()
+    if per_step:  # one tick per solver step of each batch, through the loop's callback
+        bar = tqdm(total=batches * (t_grid.numel() - 1), desc=progress, unit="step", leave=False)
+        user_cb = getattr(hooks, "callback", None)
+
+        def tick(info) -> None:
+            bar.update(1)
+            if user_cb is not None:
+                user_cb(info)
+
+        hooks = Hooks(correct_x0=getattr(hooks, "correct_x0", None),
+                      correct_xt=getattr(hooks, "correct_xt", None), callback=tick)
+    else:
+        bar = tqdm(total=n, desc=progress, disable=progress is None, unit="img", leave=False)
     try:
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
@@ -288,7 +329,8 @@ def draw(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str, steps
             if hooks is not None:
                 kw["hooks"] = hooks
             out.append(sample(sampler, d, x, t_grid, **kw).float().cpu())
-            bar.update(hi - lo)
+            if not per_step:
+                bar.update(hi - lo)
     finally:
         bar.close()
     return torch.cat(out), seeds

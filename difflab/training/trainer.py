@@ -62,8 +62,10 @@ class TrainResult:
     step: int
     checkpoint: Path | None
     loss: float | None
-    seconds: float
-    stopped: str  # "done" or "time_limit"
+    seconds: float  # training time, without the preview grids
+    stopped: str  # "done", "time_limit" or "interrupted" (SIGINT / SIGTERM; see ``signal``)
+    preview_seconds: float = 0.0
+    signal: str = ""  # the stop signal's name when interrupted
 
 
 def make_accelerator(cfg: Config, cpu: bool = False) -> Accelerator:
@@ -144,7 +146,9 @@ class Trainer:
             from difflab.sampling import sampling_grid
 
             s = self.cfg.sample
-            sampling_grid(self.path, s.steps, s.grid, s.grid_options)
+            own = t.preview_sampler == "sample"
+            sampling_grid(self.path, s.steps if own else t.preview_steps, s.grid,
+                          s.grid_options)
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
             torch.manual_seed(mix_seed(t.seed, 0))
             parts = task.build_trainable()
@@ -181,10 +185,13 @@ class Trainer:
         from difflab.runs import load_part
         from difflab.training.checkpoint import verify_checkpoint
 
-        if self.acc.is_main_process:
+        main = self.acc.is_main_process
+        if main:  # the writing process tidies up: partial writes go, corrupt ones move aside
             remove_partial(self.ckpt_root)
+            ckpt = resumable_checkpoint(self.ckpt_root, move_aside=True)
         self.acc.wait_for_everyone()
-        ckpt = resumable_checkpoint(self.ckpt_root)
+        if not main:
+            ckpt = resumable_checkpoint(self.ckpt_root, move_aside=False)
         if ckpt is None:
             raise DifflabError(f"nothing to resume in {self.run_dir}: no complete checkpoint in "
                                f"{self.ckpt_root}")
@@ -247,8 +254,14 @@ class Trainer:
         }
 
     # ----- the loop ---------------------------------------------------------------------------
-    def fit(self, time_limit: float | None = None) -> TrainResult:
-        """Train until ``train.steps`` (or ``time_limit`` seconds), checkpointing on the way."""
+    def fit(self, time_limit: float | None = None, catch_signals: bool = True) -> TrainResult:
+        """Train until ``train.steps`` (or ``time_limit`` seconds), checkpointing on the way.
+
+        With ``catch_signals`` (from the main thread), SIGINT / SIGTERM stop the run after the
+        current step with a checkpoint (:mod:`difflab.training.interrupt`); a second one aborts.
+        """
+        from difflab.training.interrupt import StopSignals
+
         t, acc = self.cfg.train, self.acc
         if acc.is_main_process:
             save_config(self.cfg, self.run_dir / CONFIG_FILE)
@@ -259,44 +272,89 @@ class Trainer:
         gen = torch.Generator(device=acc.device)
         start = tick = time.monotonic()
         window: list[float] = []
-        stopped, last = "done", None
+        stopped, last, preview_s = "done", None, 0.0
+        signals = StopSignals(catch_signals)
         try:
-            while self.step < t.steps:
-                out_of_time = time_limit is not None and time.monotonic() - start > time_limit
-                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                loss, grad_norm, stop = self._train_step(batches, gen, out_of_time)
-                self.step += 1
-                for name, ema in self.emas.items():
-                    ema.update(self.parts[name])
-                bar.update()
-                window.append(loss)
-                final = self.step == t.steps or stop
-                if self.step % t.log_every == 0 or final:
-                    now = time.monotonic()
-                    last = sum(window) / len(window)
-                    record = {"step": self.step, "loss": last, "lr": lr,
-                              "images_per_s": len(window) * t.batch_size / max(now - tick, 1e-9),
-                              "grad_norm": grad_norm, "epoch": self.order.epoch_of(self.step)}
-                    metrics.log(record)
-                    bar.report(record)
-                    window, tick = [], now
-                if self.step % t.checkpoint_every == 0 or final:
-                    self.save()  # before the preview: a failing preview loses no training
-                if t.sample_every and (self.step % t.sample_every == 0 or final):
-                    self.sample_grid()
-                if stop:
-                    stopped = "time_limit"
-                    bar.write(f"time limit of {time_limit:.0f} s reached at step {self.step}")
-                    break
+            with signals:
+                while self.step < t.steps:
+                    out_of_time = (time_limit is not None
+                                   and time.monotonic() - start - preview_s > time_limit)
+                    lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                    loss, grad_norm, stop = self._train_step(
+                        batches, gen, out_of_time, signals.received is not None)
+                    self.step += 1
+                    for name, ema in self.emas.items():
+                        ema.update(self.parts[name])
+                    bar.update()
+                    window.append(loss)
+                    final = self.step == t.steps or stop
+                    if self.step % t.log_every == 0 or final:
+                        now = time.monotonic()
+                        last = sum(window) / len(window)
+                        record = {"step": self.step, "loss": last, "lr": lr,
+                                  "images_per_s": len(window) * t.batch_size
+                                  / max(now - tick, 1e-9),
+                                  "grad_norm": grad_norm, "epoch": self.order.epoch_of(self.step)}
+                        metrics.log(record)
+                        bar.report(record)
+                        window, tick = [], now
+                    saved = self.step % t.checkpoint_every == 0 or final
+                    if saved:
+                        self.save()  # before the preview: a failing preview loses no training
+                    interrupted = stop and signals.received is not None
+                    if (t.sample_every and (self.step % t.sample_every == 0 or final)
+                            and not interrupted):
+                        t0 = time.monotonic()
+                        self._preview(bar, signals)
+                        preview_s += time.monotonic() - t0
+                        tick += time.monotonic() - t0
+                        if signals.received is not None and not stop:  # stopped in a preview
+                            if not saved:
+                                self.save()
+                            interrupted = stop = True
+                    if interrupted:
+                        stopped = "interrupted"
+                        bar.write(f"stopped by {signals.name} at step {self.step}: saved "
+                                  f"{self.last_checkpoint} (weights, EMA, optimizer, RNG)")
+                        break
+                    if stop:
+                        stopped = "time_limit"
+                        bar.write(f"time limit of {time_limit:.0f} s reached at step {self.step}")
+                        break
+        except KeyboardInterrupt:
+            if acc.is_main_process:
+                bar.write(f"aborted at step {self.step}; the last complete checkpoint is "
+                          f"{self.last_checkpoint or 'none'}")
+            raise
         finally:
             metrics.close()
             bar.close()
         return TrainResult(self.run_dir, self.step, self.last_checkpoint, last,
-                           time.monotonic() - start, stopped)
+                           time.monotonic() - start - preview_s, stopped, preview_s,
+                           signals.name)
 
-    def _train_step(self, batches, gen: torch.Generator, out_of_time: bool
-                    ) -> tuple[float, float, bool]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm, stop)."""
+    def _preview(self, bar: Progress, signals) -> None:
+        """The preview grid, with a message (and a bar on a terminal); a stop signal during it
+        abandons the grid (the training state is what matters)."""
+        from difflab.training.interrupt import PreviewInterrupted
+
+        if self.acc.is_main_process:
+            req = self.preview_request()
+            bar.write(f"step {self.step}: sampling the preview grid ({req.n} images, "
+                      f"{req.sampler} {req.steps} steps) -> samples/step_{self.step}.png")
+        signals.in_preview = True
+        try:
+            self.sample_grid(progress=bar.bar is not None)
+        except PreviewInterrupted:
+            bar.write(f"preview grid of step {self.step} abandoned")
+        finally:
+            signals.in_preview = False
+
+    def _train_step(self, batches, gen: torch.Generator, out_of_time: bool,
+                    interrupted: bool = False) -> tuple[float, float, bool]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm, stop).
+
+        ``stop`` is agreed by every process: any one out of time or interrupted stops all."""
         t, acc = self.cfg.train, self.acc
         rank, losses = acc.process_index, []
         fork = [acc.device] if acc.device.type != "cpu" else []
@@ -318,9 +376,10 @@ class Trainer:
                     grad_norm = acc.clip_grad_norm_(params, clip)
                     stats = torch.stack([torch.stack(losses).mean().float(),
                                          torch.as_tensor(grad_norm, device=acc.device).float(),
-                                         torch.tensor(float(out_of_time), device=acc.device)])
+                                         torch.tensor(float(out_of_time or interrupted),
+                                                      device=acc.device)])
                     if acc.num_processes > 1:
-                        stats = acc.reduce(stats, "mean")
+                        stats = acc.reduce(stats, "mean")  # stop > 0 when any process stops
                     loss_v, norm_v, stop = (float(v) for v in stats.cpu())
                     self._guard(loss_v, norm_v)
                     self.prepared_optimizer.step()
@@ -369,28 +428,33 @@ class Trainer:
             self.last_checkpoint = self.ckpt_root / f"step_{self.step}"
         return self.last_checkpoint
 
-    def preview_request(self):
+    def preview_request(self, progress: bool = False):
         """The :class:`~difflab.sampling.SampleRequest` of a training preview: the EMA model
-        with the ``[sample]`` settings (classifier-free guidance only: a preview loads no
-        other run)."""
+        with the ``[sample]`` settings, except the solver: ``train.preview_sampler`` /
+        ``preview_steps`` (a 20-step DPM-Solver++ by default; ``"sample"`` keeps ``[sample]``'s).
+        Classifier-free guidance only: a preview loads no other run."""
         from difflab.guidance.spec import parse_guidance
         from difflab.sampling import LoadedRun, SampleRequest
 
-        s = self.cfg.sample
+        s, t = self.cfg.sample, self.cfg.train
         guidance = s.guidance
         if guidance is not None and parse_guidance(guidance).kind != "cfg":
             guidance = "none"
         model = LoadedRun.from_task(self.task, self.ema.model, self.last_checkpoint, self.step)
-        return SampleRequest(model, guidance=guidance)
+        own = t.preview_sampler == "sample"
+        return SampleRequest(model, guidance=guidance,
+                             sampler=s.sampler if own else t.preview_sampler,
+                             steps=s.steps if own else t.preview_steps, n=s.n,
+                             progress="preview grid" if progress else None)
 
-    def sample_grid(self) -> Path | None:
-        """``samples/step_N.png`` from the EMA model with the ``[sample]`` settings."""
+    def sample_grid(self, progress: bool = False) -> Path | None:
+        """``samples/step_N.png`` from the EMA model (:meth:`preview_request`)."""
         from difflab.sampling import generate
 
         out = None
         if self.acc.is_main_process:
             n = self.cfg.sample.n
-            x = generate(self.preview_request()).images
+            x = generate(self.preview_request(progress)).images
             out = save_image_grid(x.clamp(-1, 1), self.run_dir / "samples" /
                                   f"step_{self.step}.png", nrow=math.ceil(math.sqrt(n)))
         self.acc.wait_for_everyone()

@@ -14,6 +14,7 @@ from difflab.config import load_config
 from difflab.errors import DifflabError
 from difflab.sampling import load_run
 from difflab.training import (
+    Trainer,
     TrainingDiverged,
     list_checkpoints,
     read_metrics,
@@ -132,8 +133,30 @@ def test_new_run_refuses_a_folder_with_checkpoints(straight):
 
 def test_a_bad_preview_grid_fails_before_training(tmp_path):
     with pytest.raises(DifflabError, match="steps=2000"):
-        train(tiny("train.steps=2", "train.sample_every=1", "sample.steps=2000"), tmp_path)
+        train(tiny("train.steps=2", "train.sample_every=1", "train.preview_steps=2000"), tmp_path)
+    with pytest.raises(DifflabError, match="steps=2000"):
+        train(tiny("train.steps=2", "train.sample_every=1", "train.preview_sampler='sample'",
+                   "sample.steps=2000"), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_preview_grid_is_fast_announced_and_timed_apart(tmp_path, capsys):
+    # [sample] asks for 1000-step DDPM (the paper's sampler); the preview uses 20 solver steps
+    cfg = tiny("train.steps=2", "train.sample_every=2", "sample.sampler='ddpm'",
+               "sample.steps=1000", "sample.n=4")
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    req = trainer.preview_request()
+    assert (req.sampler, req.steps, req.n) == ("dpmpp_2m", 20, 4)
+    result = trainer.fit()
+    err = capsys.readouterr().err
+    assert "step 2: sampling the preview grid (4 images, dpmpp_2m 20 steps)" in err
+    assert (tmp_path / "run" / "samples" / "step_2.png").is_file()
+    assert result.preview_seconds > 0 and result.seconds > 0
+    own = Trainer(tiny("train.preview_sampler='sample'", "sample.sampler='ddpm'",
+                       "sample.steps=1000"), tmp_path / "own").preview_request()
+    assert (own.sampler, own.steps) == ("ddpm", 1000)
+    with pytest.raises(DifflabError, match="train.preview_sampler='banana'.*'sample'"):
+        tiny("train.preview_sampler='banana'")
 
 
 def test_resume_without_checkpoints_is_an_error(tmp_path):
