@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from difflab.cond import Cond
 from difflab.denoiser import DenoiserBase
 from difflab.errors import DifflabError, bad_value
 from difflab.paths.base import GaussianPath
@@ -169,7 +171,8 @@ def _collect(data, n: int | None, generator: torch.Generator | None) -> torch.Te
 @torch.no_grad()
 def estimate_gamma(den: DenoiserBase, data, times, n_samples: int | None = None,
                    generator: torch.Generator | None = None,
-                   batch_size: int = 1000) -> AnalyticMoments:
+                   batch_size: int = 1000, cond: Cond | None = None,
+                   progress: str | None = None) -> AnalyticMoments:
     """Monte Carlo ``Gamma_t = E ||eps_hat(x_t, t)||^2 / d`` over training data (eq. 8).
 
     For each ``t`` in ``times`` (zeros are skipped) every data sample gets fresh noise
@@ -183,20 +186,35 @@ def estimate_gamma(den: DenoiserBase, data, times, n_samples: int | None = None,
         n_samples: data samples per time (default: all of a tensor).
         generator: the only source of randomness (data subset and noise).
         batch_size: rows per denoiser call.
+        cond: one condition per data row (a tensor ``data`` of exactly those rows): row ``i``
+            is denoised with ``cond[i]`` (a conditional model's Gamma_t is
+            ``E_{x0, y} ||eps_hat(x_t, t, y)||^2 / d``).
+        progress: a progress-bar title (shown on a terminal only, one tick per time).
     """
     path = den.path
     times = torch.as_tensor(times, dtype=torch.float64).flatten()
     times = times[times > 0]
     path.check_time(times, "times")
+    if cond is not None and not (isinstance(data, torch.Tensor)
+                                 and n_samples in (None, data.shape[0])
+                                 and cond.batch_size() in (None, data.shape[0])):
+        raise DifflabError("estimate_gamma(cond=...) needs a tensor of data with one condition "
+                           "per row (and n_samples None)")
     x0 = _collect(data, n_samples, generator)
     n = x0.shape[0]
+    dens = [den if cond is None else den.bind(cond[lo:lo + batch_size])
+            for lo in range(0, n, batch_size)]
     gamma, stderr = [], []
-    for t in times:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(times, desc=progress, unit="time", leave=False, delay=0.5,
+               disable=progress is None or not sys.stderr.isatty())
+    for t in bar:
         vals = []
-        for chunk in x0.split(batch_size):
+        for d, chunk in zip(dens, x0.split(batch_size)):
             eps = torch.randn(chunk.shape, generator=generator, dtype=chunk.dtype)
             tt = t.expand(chunk.shape[0])
-            e = den(path.add_noise(chunk, eps.to(chunk.device), tt), tt).eps
+            e = d(path.add_noise(chunk, eps.to(chunk.device), tt), tt).eps
             vals.append(e.flatten(1).pow(2).mean(1).double().cpu())
         v = torch.cat(vals)
         gamma.append(v.mean())
@@ -290,8 +308,10 @@ def _need(name: str, option: str, value, how: str):
 def _analytic(name, den, x, grid, moments, eta, data_range, clip_pixels, noise, hooks):
     _check_common(eta, data_range, clip_pixels)
     moments = _need(name, "moments", moments,
-                    "estimate Gamma once with difflab.samplers.analytic.estimate_gamma(den, data, "
-                    "times) (or AnalyticMoments.load(file)) and pass it")
+                    "difflab sample / difflab.generate estimate it from the run's training data "
+                    "and cache it in the run; called directly, estimate Gamma once with "
+                    "difflab.samplers.analytic.estimate_gamma(den, data, times) (or "
+                    "AnalyticMoments.load(file)) and pass it")
     if not isinstance(moments, AnalyticMoments):
         raise bad_value("moments", type(moments).__name__, "an AnalyticMoments")
     path = den.path
