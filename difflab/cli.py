@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import shlex
 import sys
 import textwrap
@@ -21,6 +22,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from difflab.argtypes import (
+    count_from_zero,
+    device_name,
+    output_file,
+    output_folder,
+    positive_float,
+    positive_int,
+)
 from difflab.errors import DifflabError, bad_value
 
 Register = Callable[[argparse._SubParsersAction], None]
@@ -40,13 +49,23 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return "\n".join(out)
 
 
-def _kv(item: str) -> tuple[str, object]:
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``difflab CMD: error: ...`` + a pointer
+    to ``--help`` (exit status 2), instead of the usage block."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _kv(item: str, flag: str = "--option") -> tuple[str, object]:
     """``k=v`` with ``v`` parsed as a TOML literal when possible (as ``--set``)."""
     from difflab.config import parse_override
 
+    if "=" not in item:
+        raise bad_value(flag, item, "KEY=VALUE, e.g. eta=0.5")
     keys, value = parse_override(item)
     if len(keys) != 1:
-        raise bad_value("--option", item, "KEY=VALUE with a plain key, e.g. eta=0.5")
+        raise bad_value(flag, item, "KEY=VALUE with a plain key, e.g. eta=0.5")
     return keys[0], value
 
 
@@ -72,12 +91,12 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                    "newest complete checkpoint (exactly as if never interrupted)")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (default: "
                    "runs/<config name>-<date>-<time>)")
-    p.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this much "
-                   "training time")
+    p.add_argument("--minutes", type=positive_float, help="stop (with a checkpoint) after this "
+                   "much training time")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: only when stderr is a terminal)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads per process (small "
-                   "models on a shared CPU are often fastest with 1)")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads per process "
+                   "(small models on a shared CPU are often fastest with 1)")
     p.set_defaults(func=cmd_train)
 
 
@@ -141,10 +160,11 @@ def register_sample(sub: argparse._SubParsersAction) -> None:
         "--seed 0 --out samples.png",
         formatter_class=HelpFormatter)
     p.add_argument("run", metavar="RUN", help="the run folder (or a checkpoint folder in it)")
-    p.add_argument("--sampler", help="a registered sampler (ddpm, ddim, ...)")
-    p.add_argument("--steps", type=int, help="sampling steps")
-    p.add_argument("--n", type=int, help="number of samples")
-    p.add_argument("--seed", type=int, help="base seed")
+    p.add_argument("--sampler", help="a registered sampler (ddpm, ddim, dpmpp_2m, ...; "
+                   "`difflab samplers` lists them all with what each needs)")
+    p.add_argument("--steps", type=positive_int, help="sampling steps")
+    p.add_argument("--n", type=positive_int, help="number of samples")
+    p.add_argument("--seed", type=count_from_zero, help="base seed (an integer >= 0)")
     p.add_argument("--grid", help="time grid: auto, uniform, quadratic, log_snr, karras, "
                    "discrete")
     p.add_argument("--grid-option", dest="grid_options", action="append", default=[],
@@ -160,7 +180,7 @@ def register_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                    help="clip clean-data estimates to [-1, 1] (default: the run's "
                    "sample.clip_x0)")
-    p.add_argument("--class", "--label", dest="label", type=int, action="append",
+    p.add_argument("--class", "--label", dest="label", type=count_from_zero, action="append",
                    metavar="ID", help="class id for every sample (repeat to cycle through "
                    "several; class-conditional models or classifier guidance; default: cycle "
                    "through all classes)")
@@ -172,41 +192,83 @@ def register_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", metavar="SPEC", help="none | cfg:SCALE[:rescale=R]"
                    "[:interval=LO-HI] | classifier:RUN:SCALE (default: the run's "
                    "sample.guidance)")
-    p.add_argument("--batch-size", type=int, help="samples per network batch")
-    p.add_argument("--nrow", type=int, help="images per grid row (default: ceil(sqrt(n)))")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--batch-size", type=positive_int, help="samples per network batch")
+    p.add_argument("--nrow", type=positive_int, help="images per grid row (default: "
+                   "ceil(sqrt(n)))")
+    p.add_argument("--device", default="cpu", type=device_name, help="torch device: cpu, cuda, "
+                   "cuda:N or mps (default: cpu)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: only when stderr is a terminal)")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (small models "
+                   "on a shared CPU are often fastest with 1)")
     p.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.data import save_image_grid
-    from difflab.sampling import SampleRequest, generate, load_run
+    from difflab.sampling import SampleRequest, generate, load_run, not_generative
 
-    if args.n is not None and args.n < 1:
-        raise bad_value("--n", args.n, "a positive number of samples")
+    out_file = output_file("--out", args.out, (".png",))
+    out_dir = output_folder("--out-dir", args.out_dir)
+    if args.sampler is not None:
+        from difflab.samplers import get_sampler
+
+        get_sampler(args.sampler)
+    grid_options = dict(_kv(o, "--grid-option") for o in args.grid_options)
+    options = dict(_kv(o) for o in args.options)
+    _threads(args.threads)
     run = load_run(args.run, checkpoint=args.checkpoint, ema=args.ema, device=args.device)
     if not run.generative:
-        raise DifflabError(f"{args.run} is a task.kind={run.config.task.kind!r} run: it does "
-                           "not generate images (use it with --guidance classifier:RUN:S)")
+        raise DifflabError(not_generative(run, args.run))
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
     request = SampleRequest(
-        run, sampler=args.sampler, steps=args.steps, grid=args.grid,
-        grid_options=dict(_kv(o) for o in args.grid_options),
-        options=dict(_kv(o) for o in args.options), guidance=args.guidance,
-        labels=args.label, prompts=args.prompt, negative_prompt=args.negative_prompt,
-        seed=args.seed, n=args.n, batch_size=args.batch_size, clip_x0=args.clip_x0,
-        device=args.device)
+        run, sampler=args.sampler, steps=args.steps, grid=args.grid, grid_options=grid_options,
+        options=options, guidance=args.guidance, labels=args.label, prompts=args.prompt,
+        negative_prompt=args.negative_prompt, seed=args.seed, n=args.n,
+        batch_size=args.batch_size, clip_x0=args.clip_x0, device=args.device,
+        progress=progress or None)
     out = generate(request)
     x, n, st = out.images.clamp(-1, 1), out.images.shape[0], out.metadata
-    if args.out:
-        where = save_image_grid(x, args.out, nrow=args.nrow or math.ceil(math.sqrt(n)))
+    if out_file is not None:
+        where = save_image_grid(x, out_file, nrow=args.nrow or math.ceil(math.sqrt(n)))
     else:
-        where = Path(args.out_dir)
+        where = out_dir
         for i in range(n):
             save_image_grid(x[i:i + 1], where / f"sample_{i:05d}.png", padding=0)
     weights = "EMA" if args.ema else "raw"
     print(f"wrote {n} samples ({st['sampler']}, {st['steps']} steps, {out.nfe} NFE, {weights} "
-          f"weights of {run.checkpoint.name}) to {where}", file=sys.stderr)
+          f"weights of {run.checkpoint.name}, {out.seconds:.1f} s) to {where}", file=sys.stderr)
     return 0
+
+
+def register_samplers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "samplers", help="list every sampler: order, stochastic or not, what it needs",
+        description="Every registered sampler (difflab sample --sampler NAME, [sample] sampler) "
+        "with its order of accuracy, network evaluations per step, whether it draws fresh noise "
+        "while sampling, what it needs from the model, and its options (--option KEY=VALUE).",
+        formatter_class=HelpFormatter)
+    p.set_defaults(func=cmd_samplers)
+
+
+def cmd_samplers(args: argparse.Namespace) -> int:
+    from difflab.samplers import SAMPLERS
+
+    for name, spec in sorted(SAMPLERS.items()):
+        needs = ["a learned-variance model"] if spec.needs_learned_variance else []
+        needs += [NEEDS.get(e, e) for e in spec.needs_extra]
+        doc = " ".join((spec.fn.__doc__ or "").strip().split("\n\n")[0].split())
+        opts = [o for o in spec.options() if o not in ("noise", "hooks")]
+        print(f"{name}: order {spec.order}, {spec.evals_per_step} NFE per step, "
+              f"{'stochastic' if spec.stochastic else 'deterministic'}"
+              + (f"; needs {' and '.join(needs)}" if needs else ""))
+        for text in (doc, "options: " + (", ".join(opts) or "none")):
+            print(textwrap.fill(text, 96, initial_indent="    ", subsequent_indent="    "))
+    return 0
+
+
+NEEDS = {"moments": "Gamma_t (estimated from the run's data and cached)",
+         "residual": "a trained ResidualHead (Python API)"}
 
 
 # ----- export / upgrade --------------------------------------------------------------------------
@@ -297,14 +359,16 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
         "small digit classifier trained on the real digits. Writes labelled grids and "
         "summary.txt / summary.json to --out.", formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--minutes", type=float, default=5.0,
+    p.add_argument("--minutes", type=positive_float, default=5.0,
                    help="time budget of the training phase (default: 5)")
     p.add_argument("--config", help="config to train (default: configs/ddpm_digits.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
-    p.add_argument("--n", type=int, default=100, help="samples per sampler (default: 100)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1; "
-                   "the demo's small model trains fastest on one thread of a shared CPU)")
+    p.add_argument("--n", type=positive_int, default=100, help="samples per sampler (default: "
+                   "100)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads "
+                   "(default: 1; the demo's small model trains fastest on one thread of a shared "
+                   "CPU)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -334,8 +398,9 @@ def register_evaluation(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
-COMMANDS: list[Register] = [register_train, register_sample, register_demo, register_evaluation,
-                            register_export, register_upgrade, register_families]
+COMMANDS: list[Register] = [register_train, register_sample, register_samplers, register_demo,
+                            register_evaluation, register_export, register_upgrade,
+                            register_families]
 
 
 def add_command(register: Register) -> Register:
@@ -346,7 +411,7 @@ def add_command(register: Register) -> Register:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="difflab", description="difflab: train, sample and compare diffusion models. "
         "Run `difflab COMMAND --help` for the options of each command.",
         formatter_class=HelpFormatter)
@@ -379,6 +444,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except DifflabError as e:
         print(f"difflab: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `difflab samplers | head`
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - nothing more can be printed
+        return 0
+    except OSError as e:  # a path the user named cannot be read or written
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"difflab: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("difflab: interrupted", file=sys.stderr)

@@ -155,6 +155,13 @@ def resolve_model(model: Any, checkpoint: str | None = None, ema: bool = True,
                        f"got {type(model).__name__}")
 
 
+def not_generative(run: LoadedRun, name) -> str:
+    """Why a run cannot be sampled, and what it is for (its task's ``usage``)."""
+    usage = getattr(run.task, "usage", "it does not generate images").format(run=name)
+    return (f"{name} is a task.kind={run.config.task.kind!r} run, which does not generate "
+            f"images: {usage}")
+
+
 def resolve_settings(run: LoadedRun, req: SampleRequest) -> dict[str, Any]:
     """The request's settings with the run's ``[sample]`` defaults filled in, checked."""
     from difflab.samplers import SAMPLERS
@@ -191,9 +198,8 @@ def generate(request: SampleRequest) -> Samples:
     """Turn a request into images (see the module docstring)."""
     run = resolve_model(request.model, request.checkpoint, request.ema, request.device)
     if not run.generative:
-        raise DifflabError(f"the model of task kind {run.config.task.kind!r} does not generate "
-                           "images (a classifier or alignment run guides a diffusion run: "
-                           "--guidance classifier:RUN:S)")
+        raise DifflabError(not_generative(run, request.model if isinstance(
+            request.model, (str, os.PathLike)) else "RUN"))
     st = resolve_settings(run, request)
     n = st["n"]
     cond, null, guide = guidance_inputs(run, n, st["guidance"], request.labels, request.prompts,

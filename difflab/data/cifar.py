@@ -157,11 +157,13 @@ class CIFAR10(ArrayDataset):
     def _missing(self, splits: list[str]) -> DataNotFoundError:
         names = [n for s in splits for n in self.FILES[s]]
         url = join_url(self.mirrors[0], self.ARCHIVE) if self.mirrors else self.ARCHIVE
-        gone = "" if self.root.is_dir() else " (folder does not exist)"
+        root = self.root.resolve()
+        gone = "" if root.is_dir() else " (folder does not exist)"
         return DataNotFoundError(
-            f"CIFAR10 split {self.split!r}: batches missing in {self.root / self.FOLDER} and "
-            f"{self.root}{gone} (looked for {', '.join(names)}). Pass download=True to fetch {url} "
-            "(md5-checked), or extract that archive into the folder.")
+            f"CIFAR10 split {self.split!r}: batches missing in {root / self.FOLDER} and "
+            f"{root}{gone} (looked for {', '.join(names)}). To fetch {url} (md5-checked) add "
+            "--set data.download=true to difflab train (download=True in Python), or extract "
+            "that archive into the folder.")
 
     def _download(self) -> None:
         archive = download_file([join_url(m, self.ARCHIVE) for m in self.mirrors],

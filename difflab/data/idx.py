@@ -171,11 +171,14 @@ class MNIST(ArrayDataset):
 
     def _missing(self, splits: list[str]) -> DataNotFoundError:
         names = [f"{n}[.gz]" for s in splits for n in self.filenames(s)]
-        where = self.root if self.root.is_dir() else f"{self.root} (folder does not exist)"
+        root = self.root.resolve()
+        where = root if root.is_dir() else f"{root} (folder does not exist)"
         return DataNotFoundError(
             f"{type(self).__name__} split {self.split!r}: no {' / '.join(splits)} files in "
-            f"{where} (looked for {', '.join(names)}). Pass download=True to fetch them "
-            f"from {self.mirrors[0] if self.mirrors else 'a mirror'}, or copy them there.")
+            f"{where} (looked for {', '.join(names)}). To fetch them from "
+            f"{self.mirrors[0] if self.mirrors else 'a mirror'} (md5-checked) add "
+            "--set data.download=true to difflab train (download=True in Python), point "
+            "data.root at a folder holding them, or copy them there.")
 
     def _download(self, splits: list[str]) -> None:
         # a raw (decompressed) copy counts as present; a .gz with a wrong md5 is fetched again

@@ -163,4 +163,43 @@ def sample(name: str, den: DenoiserBase, x_init: torch.Tensor, grid, **kwargs) -
         raise DifflabError(
             f"sampler {name!r} got unknown option(s) {unknown}: accepted are {sorted(allowed)}"
         )
+    for key, value in kwargs.items():
+        _check_option_type(spec, key, value)
     return spec.fn(den, x_init, grid, **kwargs)
+
+
+_KINDS = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}
+
+
+def _option_kind(param: inspect.Parameter) -> tuple[str, bool] | None:
+    """``(kind, None allowed)`` of a plain option from its annotation or its default."""
+    ann = param.annotation
+    if ann is not inspect.Parameter.empty:
+        text = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+        parts = [t.strip() for t in text.split("|")]
+        plain = [t for t in parts if t != "None"]
+        if len(plain) == 1 and plain[0] in _KINDS:
+            return plain[0], "None" in parts
+        return None
+    default = param.default
+    for kind in ("bool", "int", "float", "str"):  # bool before int: True is an int
+        if type(default).__name__ == kind:
+            return kind, False
+    return None
+
+
+def _check_option_type(spec: SamplerSpec, key: str, value) -> None:
+    """A plain option (number, flag, name) of the wrong type is named before the sampler runs
+    (``--option eta=abc`` would otherwise fail deep inside the loop)."""
+    param = inspect.signature(spec.fn).parameters.get(key)
+    found = None if param is None else _option_kind(param)
+    if found is None:
+        return
+    kind, nullable = found
+    if value is None and nullable:
+        return
+    ok = {"float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "bool": isinstance(value, bool), "str": isinstance(value, str)}[kind]
+    if not ok:
+        raise bad_value(key, value, f"{_KINDS[kind]} (option of sampler {spec.name!r})")

@@ -87,6 +87,9 @@ class TrainingTask:
     objectives: ClassVar[tuple[str, ...]] = ()
     default_objective: ClassVar[str] = ""
     generative: ClassVar[bool] = False
+    # what a run of a non-generative task is for, with ``{run}`` for its folder (shown when
+    # someone tries to sample it)
+    usage: ClassVar[str] = "it does not generate images"
     needs_labels: ClassVar[bool] = False
 
     @classmethod

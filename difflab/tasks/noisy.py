@@ -26,6 +26,8 @@ class ClassifierTask(NoisyGuideTask):
     """``[task] kind = "classifier"``: cross-entropy on noisy labelled images."""
 
     kind = "classifier"
+    usage = ("it guides a diffusion run trained on the same path: difflab sample DIFFUSION_RUN "
+             "--guidance classifier:{run}:SCALE")
     family_kinds = ("classifier",)
     objectives = ("classifier",)
     default_objective = "classifier"
@@ -41,6 +43,10 @@ class ContrastiveTask(NoisyGuideTask):
     embeddings (``[text_encoder]``, default MiniLM)."""
 
     kind = "contrastive"
+    usage = ("it judges how well noisy images match a caption, for semantic diffusion guidance "
+             "of a text-to-image run from Python (difflab.guidance.sdg with "
+             "difflab.guidance.alignment_score; benchmarks/text_to_image.py shows it), not for "
+             "difflab sample --guidance")
     family_kinds = ("alignment",)
     objectives = ("contrastive",)
     default_objective = "contrastive"

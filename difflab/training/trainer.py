@@ -394,13 +394,17 @@ class Trainer:
         t = self.cfg.train
         where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                  else "no checkpoint was written yet")
+        if self.last_checkpoint is not None:
+            then = f"continue with: difflab train --resume {self.run_dir} --set train.lr=..."
+        else:  # nothing to resume: start the run again
+            then = (f"start again (nothing to resume) with: difflab train CONFIG --out "
+                    f"{self.run_dir}-2 --set train.lr=...")
         raise TrainingDiverged(
             f"training diverged at step {self.step + 1}: loss={loss}, grad_norm={grad_norm}. "
             f"The weights were not updated with it and {where}. Try a lower train.lr (now "
             f"{t.lr:g}), gradient clipping (train.grad_clip, now {t.grad_clip:g}), more "
             f"train.warmup_steps (now {t.warmup_steps}) or train.mixed_precision='no' (now "
-            f"{t.mixed_precision!r}); then continue with: difflab train --resume {self.run_dir} "
-            "--set train.lr=..."
+            f"{t.mixed_precision!r}); then {then}"
         )
 
     # ----- outputs ----------------------------------------------------------------------------

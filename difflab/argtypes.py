@@ -1,0 +1,85 @@
+"""Types and checks of command-line values shared by every ``difflab`` sub-command: each bad
+value is refused by argparse (or :func:`output_file` / :func:`output_folder`) with one line that
+names the flag and what is accepted, before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from difflab.errors import bad_value
+
+
+def _number(kind: type, low: float, inclusive: bool, what: str):
+    """An argparse ``type`` accepting ``kind`` values above ``low`` (or from it)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1, True, "a positive integer (1, 2, ...)")
+count_from_zero = _number(int, 0, True, "an integer >= 0")
+positive_float = _number(float, 0.0, False, "a positive number")
+
+
+def device_name(text: str) -> str:
+    """An argparse ``type``: a torch device this PyTorch can use (``cpu``, ``cuda``, ``cuda:1``,
+    ``mps``)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; expected cpu, cuda, "
+                                         "cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = ("this PyTorch build has no CUDA" if torch.version.cuda is None
+                     else "no GPU is visible")
+            raise argparse.ArgumentTypeError(f"{text!r}: {build}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} "
+                                             "CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda, cuda:N or mps")
+    return text
+
+
+def output_file(flag: str, value: str | None, suffixes: tuple[str, ...] = ()) -> Path | None:
+    """``value`` checked as a file to write: not a folder, with one of ``suffixes``."""
+    if value is None:
+        return None
+    p = Path(value)
+    if p.is_dir():
+        raise bad_value(flag, value, f"a file to write, not a folder{_suffix_hint(suffixes)}")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise bad_value(flag, value, f"a file name ending in {' or '.join(suffixes)}")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise bad_value(flag, value, f"a path whose folder {p.parent} is a folder, not a file")
+    return p
+
+
+def output_folder(flag: str, value: str | None) -> Path | None:
+    """``value`` checked as a folder to write into (it may not exist yet)."""
+    if value is None:
+        return None
+    p = Path(value)
+    if p.exists() and not p.is_dir():
+        raise bad_value(flag, value, "a folder (this is an existing file)")
+    return p
+
+
+def _suffix_hint(suffixes: tuple[str, ...]) -> str:
+    return f" (e.g. samples{suffixes[0]})" if suffixes else ""
