@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflab.argtypes import count_from_zero, output_folder, positive_int
 from difflab.errors import DifflabError, bad_value
 from difflab.evaluation.evaluate import FEATURE_METRICS, RealReference
 from difflab.evaluation.features import dataset_tensors, extractor_for_dataset, get_extractor
-from difflab.evaluation.report import read_report, write_comparison, write_report
+from difflab.evaluation.report import PLOT_METRICS, read_report, write_comparison, write_report
 
 METRICS = (*FEATURE_METRICS, "nll")
 
@@ -205,10 +207,19 @@ def cached_samples(run: EvalRun, setting: Setting, n: int, seed: int, batch_size
     return x, file, seconds, counts.get("nfe")
 
 
-def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = None) -> dict:
-    """Bits/dim of ``n`` real images from :mod:`difflab.likelihood` (the discrete VLB on discrete
-    paths, over every step or a ``steps``-step respacing; the probability-flow ODE otherwise),
-    or ``{"value": None, "note": why}``."""
+def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = None,
+               variance: str | None = None) -> dict:
+    """Bits/dim of ``n`` real images from :mod:`difflab.likelihood`, or ``{"value": None,
+    "note": why}``.
+
+    On a discrete path: the discrete VLB (Ho et al. 2020, eq. 5) over every step or a
+    ``steps``-step respacing, with the reverse variance ``variance`` (default: ``learned`` for
+    a model that learns it, as improved DDPM reports its NLL, else ``small``); ``analytic`` is
+    Analytic-DPM's optimal variance (Bao et al. 2022a, Thm. 1-2) with ``Gamma_t`` estimated
+    from the run's training data and cached (:func:`difflab.moments.run_moments`). The VLB is
+    an upper bound on the NLL whose gap grows as the steps fall and depends on the variance;
+    the result says so (``bound``, ``steps``, ``variance``, ``note``). Otherwise the
+    probability-flow ODE (``variance`` must be None)."""
     try:
         from difflab import likelihood as lk
         from difflab.paths import DiscreteVP
@@ -221,16 +232,56 @@ def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = Non
         _, null = cond_er.make(x.shape[0], prompts=[""] if cond_er.kind == "text" else None)
         den = den.bind(null)
     g = torch.Generator().manual_seed(0)
-    if isinstance(den.path, DiscreteVP):
-        from difflab.samplers.timesteps import discrete
+    if not isinstance(den.path, DiscreteVP):
+        if variance is not None:
+            raise DifflabError(f"--nll-variance {variance}: the reverse variance is a choice of "
+                               f"the discrete VLB, but {den.path!r} is continuous, so the NLL "
+                               "comes from the probability-flow ODE; drop --nll-variance")
+        res = lk.ode_likelihood(den, x, dequantize_bits=8, generator=g)
+        s = res.summary()
+        return {"name": "NLL (PF-ODE)", "value": s["bpd"], "stderr": s["stderr"], "n_fake": 0,
+                "n_real": int(s["n"]), "std": None, "bound": "upper",
+                "note": "the probability-flow ODE's likelihood of uniformly dequantized data "
+                "(Song et al. 2021, App. D): an upper bound on the NLL of the 8-bit data in "
+                "expectation over the dequantization noise, up to the ODE solver's tolerance"}
+    from difflab.samplers.timesteps import discrete
 
-        grid = None if steps is None else discrete(den.path, steps, spacing="linspace")
-        res, how = lk.vlb(den, x, grid=grid, generator=g), "discrete VLB"
-    else:
-        res, how = lk.ode_likelihood(den, x, dequantize_bits=8, generator=g), "PF-ODE"
+    if variance is None:
+        variance = "learned" if getattr(den, "learned_variance", False) else "small"
+    grid = (lk.default_vlb_grid(den.path) if steps is None
+            else discrete(den.path, steps, spacing="linspace"))
+    moments, moments_file = None, None
+    if variance == "analytic":
+        from difflab.moments import run_moments
+
+        moments, moments_file = run_moments(run.loaded, grid, condition="null",
+                                            what="--nll-variance analytic")
+    res = lk.vlb(den, x, grid=grid, variance=variance, moments=moments, generator=g)
     s = res.summary()
-    return {"name": f"NLL ({how})", "value": s["bpd"], "stderr": s["stderr"],
-            "n_fake": 0, "n_real": int(s["n"]), "std": None}
+    k, total = grid.numel() - 1, den.path.N
+    how = VLB_VARIANCE_NAMES.get(variance, variance)
+    note = (f"an upper bound on the NLL of the 8-bit data (the variational bound, Ho et al. "
+            f"2020 eq. 5), not the NLL itself: how loose it is depends on the number of steps "
+            f"(here {k} of the path's {total}) and on the reverse variance (here {variance}: "
+            f"{how}); fewer steps make it looser")
+    if variance != "analytic":
+        note += (", and Analytic-DPM's optimal variance (--nll-variance analytic; Bao et al. "
+                 "2022, Thm. 1) makes few-step bounds much tighter")
+    out = {"name": f"NLL (discrete VLB, {k} steps, {variance} variance)", "value": s["bpd"],
+           "stderr": s["stderr"], "n_fake": 0, "n_real": int(s["n"]), "std": None,
+           "bound": "upper", "steps": k, "path_steps": total, "variance": variance,
+           "note": note}
+    if moments_file is not None:
+        out["moments"] = str(moments_file)
+    return out
+
+
+VLB_VARIANCE_NAMES = {
+    "small": "DDPM's beta_tilde, the posterior variance",
+    "large": "DDPM's beta",
+    "learned": "improved DDPM's learned interpolation, eq. 15",
+    "analytic": "Analytic-DPM's optimal variance from the estimated Gamma_t",
+}
 
 
 def check_request(metrics: list[str], n: int, ext) -> None:
@@ -245,54 +296,68 @@ def check_request(metrics: list[str], n: int, ext) -> None:
 
 
 def evaluate_run(args: argparse.Namespace) -> dict:
-    """Everything ``difflab eval`` does; returns the report dict (also written to disk)."""
+    """Everything ``difflab eval`` does; returns the report dict (also written to disk).
+
+    Samples, features and the real-versus-real floor are computed only for feature metrics:
+    ``--metrics nll`` alone draws no samples and its report has only the likelihood."""
     from difflab.builders import build_dataset
+    from difflab.likelihood import VLB_VARIANCES
 
     samplers, guidances = parse_samplers(args.samplers), parse_guidance(args.guidance)
     metrics = parse_metrics(args.metrics)
+    nll_variance = getattr(args, "nll_variance", None)
+    if nll_variance is not None:
+        if nll_variance not in VLB_VARIANCES:
+            raise bad_value("--nll-variance", nll_variance, "one of " + ", ".join(VLB_VARIANCES))
+        if "nll" not in metrics:
+            raise DifflabError(f"--nll-variance {nll_variance} sets the variance of the NLL's "
+                               "bound: add nll to --metrics")
+    feature_metrics = [m for m in metrics if m != "nll"]
+    output_folder("--out", args.out)
     run = load_run(args.run, args.checkpoint)
     out_dir = Path(args.out) if args.out else run.run_dir / "eval"
     data = build_dataset(run.config)
-    real, _ = dataset_tensors(data)
-    name = args.extractor or extractor_for_dataset(run.config.data.name)
-    native = _native_data(name, run.config, data)
-    ext = get_extractor(name, native if name != "inception" else None,
-                        train=args.train_extractor, progress=args.progress,
-                        inception_weights=args.inception_weights)
-    resized = native is not data
-    ext.resize_inputs = resized
-    g = torch.Generator().manual_seed(args.seed)
-    feature_metrics = [m for m in metrics if m != "nll"]
-    check_request(feature_metrics, args.n, ext)
-    ref = RealReference(ext, real, g, progress=args.progress)
-    report = {"run": str(run.run_dir), "step": run.step, "n": args.n,
-              "n_reference": int(ref.reference.shape[0]), "extractor": ext.meta,
-              "floor": {}, "settings": [], "notes": []}
-    if resized:
-        report["notes"].append(
-            f"the run's {run.shape[-1]}x{run.shape[-1]} images (real and generated alike) are "
-            f"resized to {ext.image_size}x{ext.image_size} for the {ext.name!r} extractor, "
-            "which is trained on the dataset at that size")
-    if args.n > ref.holdout.shape[0]:
-        report["notes"].append(f"the floor uses {ref.holdout.shape[0]} held-out real images "
-                               f"(fewer than n={args.n}): the dataset is too small")
+    report: dict = {"run": str(run.run_dir), "step": run.step, "notes": []}
     if feature_metrics:
+        real, _ = dataset_tensors(data)
+        name = args.extractor or extractor_for_dataset(run.config.data.name)
+        native = _native_data(name, run.config, data)
+        ext = get_extractor(name, native if name != "inception" else None,
+                            train=args.train_extractor, progress=args.progress,
+                            inception_weights=args.inception_weights)
+        resized = native is not data
+        ext.resize_inputs = resized
+        g = torch.Generator().manual_seed(args.seed)
+        check_request(feature_metrics, args.n, ext)
+        ref = RealReference(ext, real, g, progress=args.progress)
+        report.update({"n": args.n, "n_reference": int(ref.reference.shape[0]),
+                       "extractor": ext.meta, "floor": {}, "settings": []})
+        if resized:
+            report["notes"].append(
+                f"the run's {run.shape[-1]}x{run.shape[-1]} images (real and generated alike) "
+                f"are resized to {ext.image_size}x{ext.image_size} for the {ext.name!r} "
+                "extractor, which is trained on the dataset at that size")
+        if args.n > ref.holdout.shape[0]:
+            report["notes"].append(f"the floor uses {ref.holdout.shape[0]} held-out real "
+                                   f"images (fewer than n={args.n}): the dataset is too small")
         floor = ref.floor(args.n, feature_metrics, kid_subsets=args.kid_subsets)
         report["floor"] = {k: v.to_dict() for k, v in floor.items()}
     if "nll" in metrics:
         from difflab.builders import build_held_out
 
         held = build_held_out(run.config)
-        nll_data = real if held is None else dataset_tensors(held)[0]
-        report["likelihood"] = likelihood(run, nll_data, args.nll_n, args.nll_steps)
+        nll_data = dataset_tensors(data if held is None else held)[0]
+        report["likelihood"] = likelihood(run, nll_data, args.nll_n, args.nll_steps,
+                                          nll_variance)
         report["likelihood"]["data"] = ("training images (the run holds none out)"
                                         if held is None else "held-out images")
-    (out_dir / "grids").mkdir(parents=True, exist_ok=True)
-    for (sampler, steps, grid) in samplers:
-        for guidance in guidances:
-            report["settings"].append(_evaluate_setting(
-                run, Setting(sampler, steps, guidance, grid), ref, feature_metrics, args,
-                out_dir))
+    if feature_metrics:
+        (out_dir / "grids").mkdir(parents=True, exist_ok=True)
+        for (sampler, steps, grid) in samplers:
+            for guidance in guidances:
+                report["settings"].append(_evaluate_setting(
+                    run, Setting(sampler, steps, guidance, grid), ref, feature_metrics, args,
+                    out_dir))
     write_report(report, out_dir)
     return report
 
@@ -334,25 +399,40 @@ def _evaluate_setting(run: EvalRun, setting: Setting, ref: RealReference, metric
 def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate_run(args)
     out_dir = Path(args.out) if args.out else Path(args.run) / "eval"
-    fl = report["floor"].get("fid")
-    for s in report["settings"]:
+    fl = report.get("floor", {}).get("fid")
+    for s in report.get("settings", []):
         fid = s["scores"].get("fid")
         extra = f" (floor {fl['value']:.4g})" if fid and fl else ""
         print(f"{s['sampler']}:{s['steps']} {s['guidance']}: " + ", ".join(
             f"{k}={v['value']:.4g}" for k, v in s["scores"].items()) + extra + f" [n={s['n']}]")
+    lik = report.get("likelihood")
+    if lik is not None:
+        value = lik.get("value")
+        print(f"{lik.get('name', 'NLL')}: " + (f"{value:.4g} bits/dim (an upper bound) on "
+                                               f"{lik.get('n_real')} {lik.get('data')}"
+                                               if value is not None else
+                                               f"n/a ({lik.get('note')})"))
     print(f"wrote {out_dir / 'report.md'}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from difflab.evaluation.report import check_plot_metric
+
+    metric = check_plot_metric(args.metric, "--metric")
+    output_folder("--out", args.out)
     reports = [read_report(r) for r in args.runs]
-    paths = write_comparison(reports, args.out, args.metric)
+    paths = write_comparison(reports, args.out, metric)
+    if paths["plot"] is None:
+        print(f"difflab: warning: no plot: none of the reports has {metric}", file=sys.stderr)
     print(f"wrote {paths['markdown']}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval`` and ``compare`` to the ``difflab`` command's sub-parsers."""
+    from difflab.likelihood import VLB_VARIANCES
+
     p = subparsers.add_parser(
         "eval", help="sample quality (FID/KID/precision-recall/IS) and likelihood of a run",
         description="Generate n samples per sampler / guidance setting (saved and reused), "
@@ -368,16 +448,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", default=None, help="comma list of none, cfg:SCALE[:...] "
                    "and classifier:RUN:SCALE (as difflab sample --guidance)")
     p.add_argument("--metrics", default="fid,kid,pr", help=f"subset of {','.join(METRICS)}")
-    p.add_argument("--n", type=int, default=5000, help="samples per setting (default 5000)")
-    p.add_argument("--nll-n", type=int, default=256, help="real images for nll (default 256)")
-    p.add_argument("--nll-steps", type=int, default=None, help="respaced VLB steps for nll "
-                   "on discrete paths (default: every step)")
-    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--n", type=positive_int, default=5000,
+                   help="samples per setting (default 5000)")
+    p.add_argument("--nll-n", type=positive_int, default=256,
+                   help="real images for nll (default 256)")
+    p.add_argument("--nll-steps", type=positive_int, default=None,
+                   help="respaced VLB steps for nll "
+                   "on discrete paths (default: every step); the VLB is an upper bound that "
+                   "loosens as the steps fall")
+    p.add_argument("--nll-variance", default=None, metavar="|".join(VLB_VARIANCES),
+                   help="reverse variance of the VLB: small (beta_tilde), large (beta), "
+                   "learned (improved DDPM) or analytic (Analytic-DPM, Gamma_t estimated from "
+                   "the training data and cached in RUN/moments; tight at few steps); default "
+                   "learned for a model that learns it, else small")
+    p.add_argument("--kid-subsets", type=positive_int, default=100,
+                   help="KID subsets (default 100)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                    help="clip clean-data estimates to [-1, 1] while sampling (default: the "
                    "run's sample.clip_x0, as difflab sample)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=count_from_zero, default=0)
     p.add_argument("--checkpoint", default=None, help="step_N (default: the latest)")
     p.add_argument("--extractor", default=None, help="feature extractor (default: the "
                    "dataset's, e.g. mnist-lenet; 'inception' needs local weights)")
@@ -391,5 +481,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Compare the eval reports of several runs.")
     c.add_argument("runs", nargs="+", help="run folders (with eval/report.json) or reports")
     c.add_argument("--out", default="compare", help="output folder (default ./compare)")
-    c.add_argument("--metric", default="fid", help="metric of the plot (default fid)")
+    c.add_argument("--metric", default="fid", help="metric of the plot: "
+                   f"{', '.join(PLOT_METRICS)} (default fid)")
     c.set_defaults(func=cmd_compare)

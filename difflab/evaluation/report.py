@@ -25,8 +25,24 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-COLUMNS = (("fid", "FID"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"),
-           ("is", "IS"))
+from difflab.errors import DifflabError, bad_value
+
+KID_UNITS = "raw MMD^2, not x10^3"
+COLUMNS = (("fid", "FID"), ("kid", f"KID ({KID_UNITS})"), ("precision", "precision"),
+           ("recall", "recall"), ("is", "IS"))
+PLOT_METRICS = tuple(k for k, _ in COLUMNS)
+"""The metrics a report's table and plots know (``difflab compare --metric``)."""
+KID_NOTE = ("KID is the unbiased squared MMD with the cubic polynomial kernel (Binkowski et al. "
+            "2018, eq. 2) of the features, printed raw: not multiplied by 10^3 as some papers "
+            "print it.")
+
+
+def check_plot_metric(metric: str, option: str = "metric") -> str:
+    """``metric`` lower-cased, or a one-line error naming the accepted ones."""
+    m = str(metric).strip().lower()
+    if m not in PLOT_METRICS:
+        raise bad_value(option, metric, "one of " + ", ".join(PLOT_METRICS))
+    return m
 
 
 def _value(d: dict | None) -> float | None:
@@ -58,21 +74,28 @@ def setting_label(s: dict) -> str:
     return f"{s['sampler']}:{s['steps']}" + ("" if g == "none" else f" {g}")
 
 
-def markdown_table(report: dict, run_column: bool = False) -> str:
-    """The settings of a report as a Markdown table (floor beside every FID)."""
-    metrics = [(k, h) for k, h in COLUMNS
-               if any(k in s["scores"] for s in report["settings"])]
+def table_metrics(reports: Sequence[dict]) -> list[tuple[str, str]]:
+    """``(key, header)`` of every metric some setting of ``reports`` has, in table order."""
+    return [(k, h) for k, h in COLUMNS
+            if any(k in s["scores"] for r in reports for s in r.get("settings", []))]
+
+
+def markdown_table(report: dict, run_column: bool = False,
+                   metrics: Sequence[tuple[str, str]] | None = None) -> str:
+    """The settings of a report as a Markdown table (floor beside every FID); ``metrics``
+    (default: the report's own) fixes the columns, so tables of several reports line up."""
+    metrics = table_metrics([report]) if metrics is None else list(metrics)
     head = (["run"] if run_column else []) + ["sampler", "steps", "NFE", "guidance", "n"]
     head += [h for _, h in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     floor = report.get("floor", {})
-    for s in report["settings"]:
+    for s in report.get("settings", []):
         row = ([report.get("run", "")] if run_column else [])
         row += [s["sampler"], str(s["steps"]), str(s["nfe"]), s.get("guidance") or "none",
                 str(s["n"])]
         row += [fmt_score(s["scores"].get(k), floor.get(k), with_n=True) if k == "fid"
                 else fmt_score(s["scores"].get(k), with_n=False) for k, _ in metrics]
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
     return "\n".join(lines)
 
 
@@ -86,37 +109,56 @@ def floor_lines(report: dict) -> list[str]:
     return out
 
 
+def likelihood_lines(lik: dict | None) -> list[str]:
+    """The likelihood bullet and, when known, what kind of number it is (a bound, its steps
+    and variance)."""
+    if not lik:
+        return []
+    value = (f"{_value(lik):.4g} ± {lik.get('stderr') or 0:.2g} bits/dim on "
+             f"{lik.get('n_real')} {lik.get('data', 'real images')}"
+             if _value(lik) is not None else f"n/a ({lik.get('note', 'unavailable')})")
+    out = [f"- {lik.get('name', 'NLL')}: {value}"]
+    if _value(lik) is not None and lik.get("note"):
+        out.append(f"- This is {lik['note']}.")
+    if lik.get("moments"):
+        out.append(f"- Analytic-DPM moments: `{lik['moments']}`.")
+    return out
+
+
 def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
-    """The whole ``report.md`` text."""
-    ext = report.get("extractor", {})
-    quality = ""
-    if ext.get("score") is not None:
-        kind = ext.get("score_kind", "score")
-        val = ext["score"]
-        quality = (f", held-out accuracy {100 * val:.2f}%" if kind == "accuracy"
-                   else f", held-out {kind} {val:.3g}")
+    """The whole ``report.md`` text (sections without content are left out)."""
     step = report.get("step")
     lines = [f"# Evaluation of {report.get('run', '?')}" + (f" (step {step})" if step else ""),
-             "",
-             f"Features: `{ext.get('name', '?')}`{quality}. Every generated set is compared "
-             f"with the same {report.get('n_reference', '?')} real reference images; the "
-             "floor compares as many *other* real images with that reference (what a perfect "
-             "model would score at this n).",
-             "", "## Real-versus-real floor", "", *floor_lines(report), "",
-             "## Results", "", markdown_table(report), ""]
-    lik = report.get("likelihood")
+             ""]
+    settings = report.get("settings") or []
+    ext = report.get("extractor")
+    if ext:
+        quality = ""
+        if ext.get("score") is not None:
+            kind = ext.get("score_kind", "score")
+            val = ext["score"]
+            quality = (f", held-out accuracy {100 * val:.2f}%" if kind == "accuracy"
+                       else f", held-out {kind} {val:.3g}")
+        lines += [f"Features: `{ext.get('name', '?')}`{quality}. Every generated set is "
+                  f"compared with the same {report.get('n_reference', '?')} real reference "
+                  "images; the floor compares as many *other* real images with that reference "
+                  "(what a perfect model would score at this n).", ""]
+    floor = floor_lines(report)
+    if floor:
+        lines += ["## Real-versus-real floor", "", *floor, ""]
+    if settings:
+        lines += ["## Results", "", markdown_table(report), ""]
+        if any("kid" in s["scores"] for s in settings):
+            lines += [KID_NOTE, ""]
+    lik = likelihood_lines(report.get("likelihood"))
     if lik:
-        lines += ["## Likelihood", "", f"- {lik.get('name', 'NLL')}: "
-                  + (f"{_value(lik):.4g} ± {lik.get('stderr') or 0:.2g} bits/dim on "
-                     f"{lik.get('n_real')} {lik.get('data', 'real images')}"
-                     if _value(lik) is not None
-                     else f"n/a ({lik.get('note', 'unavailable')})"), ""]
+        lines += ["## Likelihood", "", *lik, ""]
     notes = report.get("notes") or []
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     if plots:
         lines += ["## Plots", "", *[f"![{Path(p).stem}]({p})" for p in plots], ""]
-    grids = [(setting_label(s), s["grid"]) for s in report["settings"] if s.get("grid")]
+    grids = [(setting_label(s), s["grid"]) for s in settings if s.get("grid")]
     if grids:
         lines += ["## Samples", "", *[f"**{label}**\n\n![{label}]({g})\n" for label, g in grids]]
     return "\n".join(lines)
@@ -135,7 +177,7 @@ def plot_metric_vs_nfe(report: dict, path: str | os.PathLike, metric: str = "fid
     """``metric`` against NFE, one line per sampler and guidance, the floor dashed. None when
     no setting has the metric."""
     series: dict[str, list[tuple[int, float]]] = {}
-    for s in report["settings"]:
+    for s in report.get("settings", []):
         v = _value(s["scores"].get(metric))
         if v is not None:
             g = s.get("guidance") or "none"
@@ -153,7 +195,8 @@ def plot_metric_vs_nfe(report: dict, path: str | os.PathLike, metric: str = "fid
         ax.axhline(fv, color="gray", linestyle="--", label="real vs real floor")
     ax.set_xscale("log")
     ax.set_xlabel("NFE (network evaluations per sample)")
-    ax.set_ylabel(metric.upper() + f" (n={report.get('n', '?')})")
+    unit = f", {KID_UNITS}" if metric == "kid" else ""
+    ax.set_ylabel(metric.upper() + f" (n={report.get('n', '?')}{unit})")
     ax.set_title(f"{metric.upper()} vs NFE: {report.get('run', '')}")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -166,7 +209,7 @@ def plot_precision_recall(report: dict, path: str | os.PathLike) -> Path | None:
     """Precision against recall, one curve per sampler across guidance settings (annotated),
     the floor as a star. None when the report has no precision / recall."""
     series: dict[str, list[tuple[float, float, str]]] = {}
-    for s in report["settings"]:
+    for s in report.get("settings", []):
         p, r = _value(s["scores"].get("precision")), _value(s["scores"].get("recall"))
         if p is not None and r is not None:
             key = f"{s['sampler']}:{s['steps']}"
@@ -230,9 +273,13 @@ def read_report(path: str | os.PathLike) -> dict:
     p = Path(path)
     for cand in (p, p / "report.json", p / "eval" / "report.json"):
         if cand.is_file():
-            return json.loads(cand.read_text())
-    from difflab.errors import DifflabError
-
+            try:
+                report = json.loads(cand.read_text())
+            except ValueError as e:
+                raise DifflabError(f"{cand} is not a difflab report (invalid JSON: {e})") from None
+            if not isinstance(report, dict) or "run" not in report:
+                raise DifflabError(f"{cand} is not a report written by difflab eval")
+            return report
     raise DifflabError(f"no report.json at {p} (nor {p / 'eval' / 'report.json'}): run "
                        f"`difflab eval {p}` first")
 
@@ -240,22 +287,37 @@ def read_report(path: str | os.PathLike) -> dict:
 def write_comparison(reports: Sequence[dict], out_dir: str | os.PathLike,
                      metric: str = "fid") -> dict[str, Path]:
     """One table (``compare.md`` / ``compare.json``) and one plot (``compare.png``: ``metric``
-    against NFE, a line per run and setting family) across runs."""
+    against NFE, a line per run and setting family) across runs. The table has a column for
+    every metric any report has (a cell stays empty where a report lacks it); ``plot`` is None
+    when no report has ``metric``."""
+    metric = check_plot_metric(metric)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables, merged = [], {"run": "comparison", "floor": {}, "settings": []}
+    metrics = table_metrics(reports)
+    merged: dict = {"run": "comparison", "floor": {}, "settings": []}
+    body: list[str] = []
     for rep in reports:
-        tables.append(markdown_table(rep, run_column=True).splitlines())
-        for s in rep["settings"]:
+        body += markdown_table(rep, run_column=True, metrics=metrics).splitlines()[2:]
+        for s in rep.get("settings", []):
             merged["settings"].append({**s, "sampler": f"{rep.get('run')}: {s['sampler']}"})
-    head, sep = tables[0][:2] if tables else ([], [])
-    body = [row for t in tables for row in t[2:]]
-    floors = [f"- {rep.get('run')}: " + "; ".join(floor_lines(rep)).replace("- ", "")
-              for rep in reports]
-    ns = sorted({rep.get("n") for rep in reports}, key=str)
-    text = ["# Comparison", "", f"Sample sizes: {ns} (compare FIDs only at equal n and with "
-            "the same extractor).", "", "## Floors (real vs real)", "", *floors, "",
-            "## Results", "", head, sep, *body, ""]
+    head = markdown_table({"settings": []}, run_column=True, metrics=metrics).splitlines()
+    floors = [f"- {rep.get('run')}: " + "; ".join(lines).replace("- ", "")
+              for rep in reports if (lines := floor_lines(rep))]
+    ns = sorted({rep.get("n") for rep in reports if rep.get("n") is not None}, key=str)
+    text = ["# Comparison", ""]
+    if body:
+        text += [f"Sample sizes: {ns} (compare FIDs only at equal n and with the same "
+                 "extractor).", ""]
+    if floors:
+        text += ["## Floors (real vs real)", "", *floors, ""]
+    if body:
+        text += ["## Results", "", *head, *body, ""]
+        if any(k == "kid" for k, _ in metrics):
+            text += [KID_NOTE, ""]
+    liks = [f"- {rep.get('run')}: " + " ".join(likelihood_lines(rep["likelihood"])[:1])[2:]
+            for rep in reports if rep.get("likelihood")]
+    if liks:
+        text += ["## Likelihood", "", *liks, ""]
     plot = None
     merged["n"] = ",".join(str(n) for n in ns)
     if plot_metric_vs_nfe(merged, out / "compare.png", metric) is not None:
