@@ -260,7 +260,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
         doc = " ".join((spec.fn.__doc__ or "").strip().split("\n\n")[0].split())
         opts = [o for o in spec.options() if o not in ("noise", "hooks")]
         print(f"{name}: order {spec.order}, {spec.evals_per_step} NFE per step, "
-              f"{'stochastic' if spec.stochastic else 'deterministic'}"
+              f"{spec.describe_noise()}"
               + (f"; needs {' and '.join(needs)}" if needs else ""))
         for text in (doc, "options: " + (", ".join(opts) or "none")):
             print(textwrap.fill(text, 96, initial_indent="    ", subsequent_indent="    "))
@@ -375,6 +375,7 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from difflab.demo import run_demo
 
+    output_folder("--out", args.out)
     _threads(args.threads)
     run_demo(args.out, args.minutes, args.config, args.overrides, n=args.n)
     return 0

@@ -162,3 +162,51 @@ def test_parser_builds_every_registered_command():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert {"train", "sample", "demo"} <= set(sub.choices)
+
+
+# ----- finding your way ---------------------------------------------------------------------------
+def test_samplers_lists_every_sampler_with_what_it_needs(capsys):
+    from difflab.samplers import SAMPLERS
+
+    assert cli.main(["samplers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    heads = {ln.split(":")[0]: ln for ln in lines if not ln.startswith(" ")}
+    assert set(heads) == set(SAMPLERS) and len(SAMPLERS) >= 29
+    # facts from the papers, not from the registry: DDIM is first order and deterministic at
+    # eta = 0; DDPM's ancestral step draws noise; DPM-Solver++(2M) is second order with one
+    # evaluation per step; EDM's Heun takes two; DPM-Solver-3 is third order with three
+    want = {"ddim": "order 1, 1 NFE per step, deterministic (stochastic when eta > 0)",
+            "ddpm": "order 1, 1 NFE per step, stochastic",
+            "dpmpp_2m": "order 2, 1 NFE per step, deterministic",
+            "heun": "order 2, 2 NFE per step, deterministic (stochastic when S_churn > 0)",
+            "dpm_solver_3": "order 3, 3 NFE per step, deterministic"}
+    for name, text in want.items():
+        assert heads[name] == f"{name}: {text}"
+    assert "needs Gamma_t" in heads["analytic_ddpm"] and "ResidualHead" in heads["npr_ddpm"]
+    assert "learned-variance" not in heads["ddpm"]
+    body = "\n".join(lines)
+    assert "options: eta" in body and "Ho et al. 2020" in body
+
+
+def test_sample_help_points_to_the_sampler_list(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--help"])
+    out = capsys.readouterr().out
+    assert "difflab samplers" in out and "--threads" in out and "--progress" in out
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "samplers" in capsys.readouterr().out
+
+
+def test_sample_progress_bar_and_threads(run, tmp_path, capsys, monkeypatch):
+    base = ["sample", str(run), "--sampler", "ddim", "--steps", "3", "--n", "2", "--out",
+            str(tmp_path / "g.png")]
+    assert cli.main([*base, "--progress", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "sampling ddim:" in err and "/3 [" in err and torch.get_num_threads() == 1
+    assert cli.main([*base, "--no-progress"]) == 0
+    assert "sampling ddim:" not in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    assert cli.main([*base, "--no-progress", "--threads", "2"]) == 0
+    assert seen == [2]

@@ -339,7 +339,8 @@ def analytic_ddpm(den: DenoiserBase, x: torch.Tensor, grid, *,
                      hooks)
 
 
-@register("analytic_ddim", stochastic=True, order=1, needs_extra=("moments",))
+@register("analytic_ddim", stochastic=True, order=1, needs_extra=("moments",),
+          noise_when="eta > 0")
 def analytic_ddim(den: DenoiserBase, x: torch.Tensor, grid, *,
                   moments: AnalyticMoments | None = None, eta: float = 0.0,
                   data_range: tuple[float, float] | None = None, clip_pixels: float | None = 2.0,

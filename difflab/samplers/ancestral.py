@@ -70,7 +70,7 @@ def ddpm(den: DenoiserBase, x: torch.Tensor, grid, *, variance: str = "small", n
     return x
 
 
-@register("ddim", stochastic=True, order=1)
+@register("ddim", stochastic=True, order=1, noise_when="eta > 0")
 def ddim(den: DenoiserBase, x: torch.Tensor, grid, *, eta: float = 0.0, noise=None,
          hooks=None) -> torch.Tensor:
     """DDIM (Song, Meng & Ermon 2021, eq. 12) for any ``eta``.

@@ -120,6 +120,16 @@ class SamplerSpec:
     needs_learned_variance: bool = False
     evals_per_step: int = 1
     needs_extra: tuple[str, ...] = ()
+    noise_when: str = ""
+    """For a sampler that draws noise only for some option values (DDIM's ``eta``, EDM Heun's
+    ``S_churn``), the condition, e.g. ``"eta > 0"``; its defaults are then deterministic."""
+
+    def describe_noise(self) -> str:
+        """``stochastic``, ``deterministic`` or ``deterministic (stochastic when eta > 0)``."""
+        if not self.stochastic:
+            return "deterministic"
+        return f"deterministic (stochastic when {self.noise_when})" if self.noise_when \
+            else "stochastic"
 
     def options(self) -> list[str]:
         params = inspect.signature(self.fn).parameters
@@ -130,18 +140,20 @@ SAMPLERS: dict[str, SamplerSpec] = {}
 
 
 def register(name: str, *, stochastic: bool, order: int, needs_learned_variance: bool = False,
-             evals_per_step: int = 1, needs_extra: tuple[str, ...] = ()):
+             evals_per_step: int = 1, needs_extra: tuple[str, ...] = (), noise_when: str = ""):
     """Decorator: add a sampler to the registry under ``name``.
 
     ``needs_extra`` names keyword options the sampler cannot run without (Analytic-DPM's
     ``moments``, NPR-DDPM's ``residual``), so generic callers know to supply them.
+    ``noise_when`` says which option values make a ``stochastic`` sampler draw noise when its
+    defaults do not (``"eta > 0"``).
     """
 
     def deco(fn):
         if name in SAMPLERS:
             raise DifflabError(f"a sampler named {name!r} is already registered")
         SAMPLERS[name] = SamplerSpec(name, fn, stochastic, order, needs_learned_variance,
-                                     evals_per_step, tuple(needs_extra))
+                                     evals_per_step, tuple(needs_extra), noise_when)
         return fn
 
     return deco
@@ -150,7 +162,8 @@ def register(name: str, *, stochastic: bool, order: int, needs_learned_variance:
 def get_sampler(name: str) -> SamplerSpec:
     """Look a sampler up by name."""
     if name not in SAMPLERS:
-        raise bad_value("sampler", name, "one of " + ", ".join(sorted(SAMPLERS)))
+        raise bad_value("sampler", name, "one of " + ", ".join(sorted(SAMPLERS))
+                        + " (`difflab samplers` describes each)")
     return SAMPLERS[name]
 
 

@@ -54,7 +54,7 @@ def _check_churn(S_churn, S_tmin, S_tmax, S_noise) -> None:
         raise bad_value("S_noise", S_noise, "a positive number")
 
 
-@register("heun", stochastic=True, order=2, evals_per_step=2)
+@register("heun", stochastic=True, order=2, evals_per_step=2, noise_when="S_churn > 0")
 def heun(den: DenoiserBase, x: torch.Tensor, grid, *, S_churn: float = 0.0, S_tmin: float = 0.0,
          S_tmax: float = float("inf"), S_noise: float = 1.0, noise=None,
          hooks=None) -> torch.Tensor:

@@ -116,3 +116,22 @@ def test_extract_tar_refuses_paths_outside_root(tmp_path):
     with pytest.raises(DataError, match="refusing to extract"):
         extract_tar(_tar_with(tmp_path, "../evil.txt"), tmp_path / "out")
     assert not (tmp_path / "evil.txt").exists()
+
+
+def test_missing_data_message_gives_the_cli_form_and_an_absolute_path(tmp_path, monkeypatch,
+                                                                      capsys):
+    """From ``difflab train`` the fix is ``--set data.download=true`` (not ``download=True``),
+    and a relative ``data.root`` is shown resolved, so the user sees where it looked."""
+    from pathlib import Path
+
+    from difflab import cli
+
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[2] / "configs" / "ddpm_mnist.toml"
+    code = cli.main(["train", str(config), "--out", "run", "--set", "data.root='nomnist'",
+                     "--set", "train.steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--set data.download=true" in err
+    assert str(tmp_path / "nomnist") in err and "(folder does not exist)" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -184,7 +184,14 @@ def test_classifier_guidance_bad_inputs(class_run, classifier_run, tmp_path, cap
         guided_inputs(load_run(linear), 2, f"classifier:{classifier_run}:1", labels=[1])
     assert cli.main(["sample", str(classifier_run), "--n", "2", "--out",
                      str(tmp_path / "c.png")]) == 2
-    assert "does not generate images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not generate images" in err
+    # the hint names this run as the guide of a diffusion run, the way that works
+    assert f"difflab sample DIFFUSION_RUN --guidance classifier:{classifier_run}:SCALE" in err
+    hint = f"classifier:{classifier_run}:2"
+    assert cli.main(["sample", str(class_run), "--steps", "2", "--n", "2", "--label", "1",
+                     "--guidance", hint, "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").is_file()
 
 
 # ----- text --------------------------------------------------------------------------------------
@@ -302,7 +309,7 @@ def test_text_config_errors(emoji_subset):
         make_task(_text_cfg(emoji_subset, text_encoder={"name": "nobody/no-model"}))
 
 
-def test_alignment_model_trains_from_a_config(emoji_subset, tmp_path):
+def test_alignment_model_trains_from_a_config(emoji_subset, tmp_path, capsys):
     """``model.arch = "alignment"``: the batch's captions arrive as pooled MiniLM sentence
     embeddings, the contrastive loss trains it, and SDG reads it back from the run."""
     from difflab.guidance import alignment_score
@@ -336,6 +343,15 @@ def test_alignment_model_trains_from_a_config(emoji_subset, tmp_path):
     x = torch.stack([ds[i][0] for i in range(3)])
     s = alignment_score(run.denoiser, x, load_text_encoder("minilm").sentence(ds.captions[:3]))
     assert s.shape == (3,) and bool(((s >= -1) & (s <= 1)).all())
+    from difflab import cli as command
+
+    assert command.main(["sample", str(tmp_path / "clip"), "--n", "2", "--out",
+                         str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    # an alignment model guides text-to-image sampling from Python (SDG), not through
+    # --guidance classifier:RUN:S, which would fail
+    assert "does not generate images" in err and "difflab.guidance.sdg" in err
+    assert "--guidance classifier:" not in err and not (tmp_path / "c.png").exists()
     with pytest.raises(DifflabError, match="does not generate images"):
         from difflab.training import Trainer
 

@@ -180,6 +180,20 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
             assert all(torch.isfinite(v).all() for v in
                        read_safetensors(ckpt / name).values())
     assert_bitwise_equal(before, weights(run, 2))
+    assert f"continue with: difflab train --resume {run}" in msg
+
+
+def test_divergence_before_the_first_checkpoint_says_start_again(tmp_path):
+    """``--resume`` would answer "nothing to resume": the hint is to start the run again."""
+    run = tmp_path / "early"
+    with pytest.raises(TrainingDiverged) as info:
+        train(tiny("train.steps=8", "train.lr=1e30", "train.grad_clip=0",
+                   "train.checkpoint_every=100"), run)
+    msg = str(info.value)
+    assert "no checkpoint was written yet" in msg and "--resume" not in msg
+    assert f"difflab train CONFIG --out {run}-2" in msg
+    with pytest.raises(DifflabError, match="nothing to resume"):
+        train(tiny("train.steps=8"), run, resume=True)
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
