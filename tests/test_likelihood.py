@@ -180,6 +180,38 @@ def test_learned_variance_at_zero_is_small(mixture1d, oracle_denoiser):
     torch.testing.assert_close(learned.bpd, small.bpd)
 
 
+def test_clipped_means_keep_a_few_step_bound_finite_on_a_cosine_path():
+    """An eps model with a small error (+0.05) on the cosine path: at t = 1 (alpha about 5e-5)
+    its x0_hat is off by 0.05 sigma / alpha, about 1e3, and the 10-step bound's first step,
+    down to alpha_s = 0.17, costs thousands of bits/dim. With x0_hat clipped to [-1, 1] the
+    means differ by at most 2 c_x0 per pixel, which caps that term in closed form; steps whose
+    x0_hat is already in range are unchanged."""
+    from difflab.denoiser import Denoiser
+
+    path = VP.discrete_cosine(1000)
+    data = GaussianMixture([[M] * D], S)
+    base = data.denoiser(path)
+    biased = Denoiser(lambda x, t, c: base(x, t).eps + 0.05, path, prediction="eps",
+                      time_input=lambda t: t)
+    k = ((data.sample(2000, generator=torch.Generator().manual_seed(3)).clamp(-0.8, 0.8) + 1)
+         * 127.5).round()
+    x0 = k / 127.5 - 1
+    grid = timesteps.discrete(path, 10, spacing="linspace")
+    assert float(grid[0]) == 1.0
+    raw, clipped = (vlb(biased, x0, grid=grid, variance="small", clip_x0=c,
+                        generator=torch.Generator().manual_seed(4)) for c in (False, True))
+    assert float(raw.terms["kl"][:, 0].mean()) > 1000
+    _, c_x0, v_q = (float(v) for v in path.posterior(grid[:1], grid[1:2]))
+    v_p = v_q  # variance "small": p's variance is the posterior's
+    cap = 0.5 * (math.log(v_p / v_q) + v_q / v_p - 1 + (2 * c_x0) ** 2 / v_p) / LN2
+    assert float(clipped.terms["kl"][:, 0].max()) <= cap + 1e-9
+    # what remains is the bound of the exact model: the error of the first step is gone
+    exact = vlb(base, x0, grid=grid, variance="small", generator=torch.Generator().manual_seed(4))
+    assert raw.mean() > exact.mean() + 1000 and abs(clipped.mean() - exact.mean()) < 2
+    torch.testing.assert_close(clipped.terms["kl"][:, -1], raw.terms["kl"][:, -1])
+    torch.testing.assert_close(clipped.terms["decoder"], raw.terms["decoder"])
+
+
 def test_default_grid_is_every_step_of_a_discrete_path():
     path = VP.discrete_linear(50)
     data = GaussianMixture([[M]], S)

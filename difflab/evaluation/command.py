@@ -208,7 +208,7 @@ def cached_samples(run: EvalRun, setting: Setting, n: int, seed: int, batch_size
 
 
 def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = None,
-               variance: str | None = None) -> dict:
+               variance: str | None = None, clip_x0: bool | None = None) -> dict:
     """Bits/dim of ``n`` real images from :mod:`difflab.likelihood`, or ``{"value": None,
     "note": why}``.
 
@@ -219,7 +219,8 @@ def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = Non
     from the run's training data and cached (:func:`difflab.moments.run_moments`). The VLB is
     an upper bound on the NLL whose gap grows as the steps fall and depends on the variance;
     the result says so (``bound``, ``steps``, ``variance``, ``note``). Otherwise the
-    probability-flow ODE (``variance`` must be None)."""
+    probability-flow ODE (``variance`` must be None). ``clip_x0`` (default: the run's
+    ``sample.clip_x0``, as sampling) clips ``x0_hat`` to [-1, 1] in the bound's means."""
     try:
         from difflab import likelihood as lk
         from difflab.paths import DiscreteVP
@@ -256,21 +257,24 @@ def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = Non
 
         moments, moments_file = run_moments(run.loaded, grid, condition="null",
                                             what="--nll-variance analytic")
-    res = lk.vlb(den, x, grid=grid, variance=variance, moments=moments, generator=g)
+    clip = run.config.sample.clip_x0 if clip_x0 is None else clip_x0
+    res = lk.vlb(den, x, grid=grid, variance=variance, moments=moments, generator=g,
+                 clip_x0=clip)
     s = res.summary()
     k, total = grid.numel() - 1, den.path.N
     how = VLB_VARIANCE_NAMES.get(variance, variance)
+    means = ("x0_hat clipped to [-1, 1] as in sampling" if clip else "x0_hat not clipped")
     note = (f"an upper bound on the NLL of the 8-bit data (the variational bound, Ho et al. "
             f"2020 eq. 5), not the NLL itself: how loose it is depends on the number of steps "
-            f"(here {k} of the path's {total}) and on the reverse variance (here {variance}: "
-            f"{how}); fewer steps make it looser")
+            f"(here {k} of the path's {total}), on the reverse variance (here {variance}: "
+            f"{how}) and on the means ({means}); fewer steps make it looser")
     if variance != "analytic":
         note += (", and Analytic-DPM's optimal variance (--nll-variance analytic; Bao et al. "
                  "2022, Thm. 1) makes few-step bounds much tighter")
     out = {"name": f"NLL (discrete VLB, {k} steps, {variance} variance)", "value": s["bpd"],
            "stderr": s["stderr"], "n_fake": 0, "n_real": int(s["n"]), "std": None,
            "bound": "upper", "steps": k, "path_steps": total, "variance": variance,
-           "note": note}
+           "clip_x0": bool(clip), "note": note}
     if moments_file is not None:
         out["moments"] = str(moments_file)
     return out
@@ -348,7 +352,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         held = build_held_out(run.config)
         nll_data = dataset_tensors(data if held is None else held)[0]
         report["likelihood"] = likelihood(run, nll_data, args.nll_n, args.nll_steps,
-                                          nll_variance)
+                                          nll_variance, getattr(args, "clip_x0", None))
         report["likelihood"]["data"] = ("training images (the run holds none out)"
                                         if held is None else "held-out images")
     if feature_metrics:
@@ -465,8 +469,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="KID subsets (default 100)")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
-                   help="clip clean-data estimates to [-1, 1] while sampling (default: the "
-                   "run's sample.clip_x0, as difflab sample)")
+                   help="clip clean-data estimates to [-1, 1] while sampling and in the NLL "
+                   "bound's means (default: the run's sample.clip_x0, as difflab sample)")
     p.add_argument("--seed", type=count_from_zero, default=0)
     p.add_argument("--checkpoint", default=None, help="step_N (default: the latest)")
     p.add_argument("--extractor", default=None, help="feature extractor (default: the "

@@ -53,6 +53,13 @@ def test_nll_alone_draws_no_samples_and_says_it_is_a_bound(run, tmp_path, monkey
     assert "--nll-variance analytic" in md
     assert "floor" not in md.lower() and "## Results" not in md
     assert not (out / "samples").exists() and not (out / "grids").exists()
+    # the means are clipped like the run's sampling (sample.clip_x0 = true), and it is said
+    assert lik["clip_x0"] is True and "x0_hat clipped to [-1, 1]" in md
+    assert cli.main(["eval", str(run), "--metrics", "nll", "--nll-n", "8", "--nll-steps", "10",
+                     "--out", str(tmp_path / "raw"), "--no-clip-x0", "--no-progress"]) == 0
+    raw = read_report(tmp_path / "raw")["likelihood"]
+    assert raw["clip_x0"] is False and "not clipped" in raw["note"]
+    assert raw["value"] != lik["value"]
 
 
 def test_nll_variance_choices_and_the_analytic_bound(run, tmp_path, monkeypatch, capsys):
