@@ -52,6 +52,8 @@ BUILTIN_MODULES = (
     "difflab.networks.classifier",
     "difflab.networks.alignment",
     "difflab.networks.text",
+    "difflab.latent.codec",
+    "difflab.latent.autoencoder",
 )
 
 

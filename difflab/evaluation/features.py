@@ -96,6 +96,14 @@ EXTRACTORS: dict[str, ExtractorSpec] = {
         ExtractorSpec("emoji-ae", "emoji", 3, 32, lambda c: ConvAutoencoder(3, 32),
                       TrainConfig(epochs=8, batch_size=64, lr=2e-3, shift=0), labelled=False,
                       min_score=15.0),
+        # perceptual-loss networks of the autoencoder objective: the same designs trained
+        # with another seed (and, for MNIST, no shift augmentation), so a first stage trained
+        # on them does not optimise the features its rFID is measured on
+        ExtractorSpec("mnist-perceptual", "mnist", 1, 28, lambda c: ConvNet(1, 28, c),
+                      TrainConfig(epochs=3, shift=0, seed=1), min_score=0.95),
+        ExtractorSpec("emoji-perceptual", "emoji", 3, 32, lambda c: ConvAutoencoder(3, 32),
+                      TrainConfig(epochs=8, batch_size=64, lr=2e-3, shift=0, seed=1),
+                      labelled=False, min_score=15.0),
     )
 }
 """Registry of the extractors difflab trains itself (``inception`` is separate)."""

@@ -10,6 +10,7 @@ import inspect
 from collections.abc import Callable
 
 from difflab.errors import DifflabError, bad_value
+from difflab.objectives.autoencoder import _autoencoder
 from difflab.objectives.base import Objective
 from difflab.objectives.classifier import _classifier
 from difflab.objectives.contrastive import _contrastive
@@ -59,6 +60,7 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "hybrid": _hybrid,
     "classifier": _classifier,
     "contrastive": _contrastive,
+    "autoencoder": _autoencoder,
 }
 
 

@@ -25,7 +25,7 @@ from difflab.errors import DifflabError
 __all__ = ["TASKS", "get_task", "make_task", "register_task"]
 
 TASKS: dict[str, type] = {}
-_BUILTIN = ("difflab.tasks.diffusion", "difflab.tasks.noisy")
+_BUILTIN = ("difflab.tasks.diffusion", "difflab.tasks.noisy", "difflab.tasks.autoencoder")
 _LOADED = False
 
 

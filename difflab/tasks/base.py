@@ -91,10 +91,14 @@ class TrainingTask:
     # someone tries to sample it)
     usage: ClassVar[str] = "it does not generate images"
     needs_labels: ClassVar[bool] = False
+    latent: ClassVar[bool] = False  # it can train on a codec's latents ([codec])
 
     @classmethod
     def check_config(cls, cfg) -> None:
         """Cross-section checks at load time (raise ``ValueError`` naming the keys)."""
+        if getattr(cfg, "codec", None) is not None and not cls.latent:
+            raise ValueError(f"[codec] is given but task kind {cfg.task.kind!r} does not train "
+                             "on latents: remove the section")
         if cfg.text_encoder is not None and not cls.uses_text(cfg):
             raise ValueError(f"[text_encoder] is given but task kind {cfg.task.kind!r}"
                              f"{cls._text_hint(cfg)} reads no text: remove the section")
@@ -230,6 +234,11 @@ class TrainingTask:
         if self.family.input_shape is None:
             raise DifflabError(f"family {self.family.name!r} declares no input shape")
         return tuple(self.family.input_shape(self.model_config))
+
+    def before_checkpoint(self, parts: dict[str, nn.Module], emas: dict) -> None:
+        """Called by the trainer just before every checkpoint (main process and the others
+        alike) with the trainable parts and their EMAs: a task may update buffers that are
+        saved with them (the autoencoder task's latent scale)."""
 
     # ----- the loss ---------------------------------------------------------------------------
     def wrap(self, net: nn.Module, check_finite: bool = True):

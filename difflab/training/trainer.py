@@ -364,6 +364,7 @@ class Trainer:
             if t.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             gen.manual_seed(mix_seed(t.seed, 1, self.step, micro, rank))
+            self.task.step = self.step  # (a loss that changes with the step: GAN warm-up)
             with acc.accumulate(*self.prepared.values()):
                 with torch.random.fork_rng(devices=fork, device_type=acc.device.type):
                     torch.manual_seed(mix_seed(t.seed, 2, self.step, micro, rank))
@@ -417,6 +418,7 @@ class Trainer:
                 f"the weights became non-finite at step {self.step}; no checkpoint was written "
                 f"and the last good one is {self.last_checkpoint}. Try a lower train.lr "
                 f"(now {self.cfg.train.lr:g}) or gradient clipping (train.grad_clip)")
+        self.task.before_checkpoint(self.parts, self.emas)
         if self.acc.is_main_process:
             meta = {"config": (self.run_dir / CONFIG_FILE).read_text()}
             weights = {name: (state_dict_cpu(m), state_dict_cpu(self.emas[name].model))
