@@ -28,7 +28,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SECTIONS = ("path", "model", "task", "objective", "data", "train", "sample", "text_encoder")
+SECTIONS = ("path", "model", "task", "objective", "data", "train", "sample", "text_encoder",
+            "codec")
 
 
 class Section(BaseModel):
@@ -40,19 +41,21 @@ def _path_constructors() -> dict[str, Any]:
     from difflab.paths import EDM, GVP, VE, VP, Linear, SubVP
 
     return {"discrete_linear": VP.discrete_linear, "discrete_cosine": VP.discrete_cosine,
+            "discrete_scaled_linear": VP.discrete_scaled_linear,
             "discrete": VP.discrete, "vp_linear": VP.linear, "vp_cosine": VP.cosine,
             "subvp": SubVP, "ve": VE, "edm": EDM, "linear": Linear, "gvp": GVP}
 
 
-PathKind = Literal["discrete_linear", "discrete_cosine", "discrete", "vp_linear", "vp_cosine",
-                   "subvp", "ve", "edm", "linear", "gvp"]
+PathKind = Literal["discrete_linear", "discrete_cosine", "discrete_scaled_linear", "discrete",
+                   "vp_linear", "vp_cosine", "subvp", "ve", "edm", "linear", "gvp"]
 Pos = Field(default=None, gt=0)
 
 
 class PathConfig(Section):
     """The forward process: ``kind`` and the parameters of its constructor (others rejected).
 
-    ``discrete_linear``: N, beta_start, beta_end (DDPM); ``discrete_cosine``: N, s, max_beta
+    ``discrete_linear``: N, beta_start, beta_end (DDPM); ``discrete_scaled_linear``: the same
+    keys, linear in ``sqrt(beta)`` (LDM / Stable Diffusion); ``discrete_cosine``: N, s, max_beta
     (iDDPM eq. 17); ``discrete``: betas; ``vp_linear``: beta_min, beta_max, t_min;
     ``vp_cosine``: s, t_min, t_max; ``subvp`` / ``ve``: beta or sigma range, t_min, t_max;
     ``edm``: sigma_min, sigma_max; ``linear`` / ``gvp``: t_min, t_max. Unset = the default.
@@ -114,6 +117,21 @@ class TextEncoderSection(BaseModel):
 
     def values(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class CodecSection(Section):
+    """``[codec]``: train and sample a diffusion model on the latents of a trained, frozen
+    codec (latent diffusion, Rombach et al. 2022). ``run``: an autoencoder run folder (its
+    newest checkpoint), a checkpoint folder, or a component folder of ``difflab export``;
+    ``cache``: encode the training images once into ``$DIFFLAB_CACHE/latents`` (the posterior
+    moments, keyed by the codec's and the images' hashes) instead of at every step;
+    ``scale``: replaces the codec's own latent scale factor; ``sample_posterior``: train on
+    posterior samples (LDM) rather than posterior means."""
+
+    run: str
+    cache: bool = False
+    scale: float | None = Field(default=None, gt=0)
+    sample_posterior: bool = True
 
 
 class TaskConfig(Section):
@@ -326,6 +344,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     text_encoder: TextEncoderSection | None = None
+    codec: CodecSection | None = None
 
     @model_validator(mode="after")
     def _check_parts(self) -> Config:
@@ -346,7 +365,8 @@ class Config(Section):
                                    f"family {fam.name!r}: expected one of {sorted(fam.presets)}")
             # the values themselves, at the data's size when [data] names one (the task fills
             # the other data-decided fields when it is built)
-            if self.data.image_size is not None and "image_size" in fam.fields():
+            if (self.data.image_size is not None and "image_size" in fam.fields()
+                    and self.codec is None):  # (with a codec the task gives the latent size)
                 values.setdefault("image_size", self.data.image_size)
             fam.make_config(values, preset=self.model.preset, section="model")
             if self.text_encoder is not None:

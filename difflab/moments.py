@@ -137,9 +137,6 @@ def _training_images(run: LoadedRun, n: int, seed: int, condition: str, what: st
     their conditions (None for an unconditional run)."""
     from difflab.builders import build_dataset
 
-    if run.codec is not None:
-        raise DifflabError(f"{what}: Gamma_t of a latent run needs its training data encoded "
-                           "by the codec, which is not supported: pass moments=AnalyticMoments")
     d = run.config.data
     try:
         data = build_dataset(run.config)
@@ -156,6 +153,10 @@ def _training_images(run: LoadedRun, n: int, seed: int, condition: str, what: st
     idx = torch.randperm(len(data), generator=g)[:n].tolist()
     items = [data[i] for i in idx]
     x0 = torch.stack([torch.as_tensor(im, dtype=torch.float32) for im, _ in items])
+    if run.codec is not None:  # a latent run: Gamma_t of the scaled latents it trained on
+        codec = run.codec.to("cpu")
+        with torch.no_grad():
+            x0 = torch.cat([codec.to_latent(b, generator=g) for b in x0.split(64)])
     if tuple(x0.shape[1:]) != tuple(run.sample_shape):
         raise DifflabError(f"{what}: the run's data {d.name!r} gives images of shape "
                            f"{tuple(x0.shape[1:])} but the model samples "

@@ -57,6 +57,16 @@ class LoadedRun:
         return self.task.sample_shape
 
     @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one decoded image: ``sample_shape``, or for a latent run the codec's
+        images of those latents (``(C, f h, f w)``)."""
+        shape = tuple(self.sample_shape)
+        if self.codec is None:
+            return shape
+        f = self.codec.factor
+        return (self.codec.image_channels, *(side * f for side in shape[1:]))
+
+    @property
     def generative(self) -> bool:
         return bool(getattr(self.task, "generative", False))
 
@@ -64,7 +74,7 @@ class LoadedRun:
     def from_task(cls, task, net: nn.Module, checkpoint: Path | None = None, step: int = 0,
                   ema: bool = True) -> LoadedRun:
         return cls(task.cfg, net, task.wrap(net), task.path, checkpoint, step, ema, task,
-                   task.conditioner)
+                   task.conditioner, getattr(task, "codec", None))
 
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None, ema: bool = True,

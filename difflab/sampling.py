@@ -201,6 +201,9 @@ def generate(request: SampleRequest) -> Samples:
         raise DifflabError(not_generative(run, request.model if isinstance(
             request.model, (str, os.PathLike)) else "RUN"))
     st = resolve_settings(run, request)
+    if st["clip_x0"] and run.codec is not None:
+        raise DifflabError("clip_x0 clips to the [-1, 1] range of pixels, but this run samples "
+                           "a codec's latents: sample without clip_x0")
     n = st["n"]
     cond, null, guide = guidance_inputs(run, n, st["guidance"], request.labels, request.prompts,
                                         request.negative_prompt)
@@ -220,7 +223,8 @@ def generate(request: SampleRequest) -> Samples:
         counter.close()
     seconds = time.perf_counter() - start
     if request.decode and run.codec is not None:
-        x = run.codec.decode(x)
+        codec = run.codec.to(x.device)
+        x = torch.cat([codec.from_latent(b) for b in x.split(st["batch_size"])])
     nfe = None
     if counter.handle is not None:
         per_sample = counter.calls / -(-n // st["batch_size"])

@@ -140,7 +140,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None) -> EvalR
                            "generate images to evaluate")
     c = run.conditioner
     classes = c.num_classes if c.kind == "class" else None
-    return EvalRun(Path(run_dir), run.config, run.denoiser, run.sample_shape, run.step, classes,
+    return EvalRun(Path(run_dir), run.config, run.denoiser, run.image_shape, run.step, classes,
                    run)
 
 
@@ -226,6 +226,9 @@ def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = Non
         from difflab.paths import DiscreteVP
     except ImportError as e:
         return {"value": None, "note": f"difflab.likelihood unavailable ({e})"}
+    if run.loaded.codec is not None:
+        return {"value": None, "note": "the run models a codec's latents, so its bound would be "
+                "in bits per latent dimension, not per pixel (LDM reports no likelihood either)"}
     x = real[:n]
     cond_er = run.loaded.conditioner  # the unconditional likelihood: the null condition
     den = run.denoiser

@@ -67,6 +67,17 @@ class VP(GaussianPath):
         return DiscreteVP(torch.linspace(beta_start, beta_end, N, dtype=torch.float64))
 
     @staticmethod
+    def discrete_scaled_linear(N: int = 1000, beta_start: float = 0.00085,
+                               beta_end: float = 0.012):
+        """LDM's / Stable Diffusion's "scaled linear" betas: linear in ``sqrt(beta)`` from
+        ``sqrt(beta_start)`` to ``sqrt(beta_end)`` (LDM's ``make_beta_schedule("linear")``
+        with SD's ``linear_start = 0.00085``, ``linear_end = 0.012``)."""
+        if N < 1:
+            raise bad_value("N", N, "a positive number of steps")
+        root = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, N, dtype=torch.float64)
+        return DiscreteVP(root ** 2)
+
+    @staticmethod
     def discrete_cosine(N: int = 1000, s: float = 0.008, max_beta: float = 0.999):
         """Improved DDPM's cosine schedule (Nichol & Dhariwal 2021, eq. 17), betas clipped."""
         if N < 1:

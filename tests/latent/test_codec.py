@@ -130,3 +130,14 @@ def test_autoencoder_matches_diffusers_with_the_same_weights():
         torch.testing.assert_close(post.logvar, ref.logvar, rtol=0, atol=1e-5)
         z = ref.mean
         torch.testing.assert_close(ours.decode(z), peer.decode(z).sample, rtol=0, atol=1e-5)
+
+
+def test_stable_diffusions_scaled_linear_betas_match_diffusers():
+    from diffusers import DDPMScheduler
+
+    from difflab.paths import VP
+
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        num_train_timesteps=1000).alphas_cumprod.double()
+    path = VP.discrete_scaled_linear()
+    torch.testing.assert_close(path.alphas_cumprod.double(), ref, rtol=1e-6, atol=0)
