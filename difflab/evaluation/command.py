@@ -404,6 +404,11 @@ def _evaluate_setting(run: EvalRun, setting: Setting, ref: RealReference, metric
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from difflab.latent.evaluate import evaluate_codec_run, is_codec_run
+
+    if is_codec_run(args.run):  # an autoencoder: reconstruction PSNR / SSIM / rFID
+        evaluate_codec_run(args)
+        return 0
     report = evaluate_run(args)
     out_dir = Path(args.out) if args.out else Path(args.run) / "eval"
     fl = report.get("floor", {}).get("fid")
