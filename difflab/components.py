@@ -54,6 +54,7 @@ BUILTIN_MODULES = (
     "difflab.networks.text",
     "difflab.latent.codec",
     "difflab.latent.autoencoder",
+    "difflab.latent.vq",
 )
 
 

@@ -159,7 +159,7 @@ def test_saved_config_loads_back_equal(tmp_path):
 
 @pytest.mark.parametrize("name", ["ddpm_digits", "ddpm_mnist", "iddpm_mnist", "cfg_mnist",
                                   "classifier_mnist", "clip_emoji", "t2i_emoji",
-                                  "ae_kl_mnist", "ae_kl_emoji", "ldm_emoji"])
+                                  "ae_kl_mnist", "ae_kl_emoji", "vq_emoji", "ldm_emoji"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.toml")
     assert cfg.train.steps >= 1

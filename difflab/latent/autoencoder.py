@@ -188,7 +188,10 @@ class Stage(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, c: AutoencoderKLConfig) -> None:
+    """The first-stage encoder; ``double_z``: ``2 c`` output channels (a Gaussian's mean and
+    log-variance), else ``c`` (the VQ model's pre-quantisation latent)."""
+
+    def __init__(self, c: AutoencoderKLConfig, double_z: bool = True) -> None:
         super().__init__()
         ch = c.block_channels
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
@@ -197,7 +200,8 @@ class Encoder(nn.Module):
                   "down" if i < len(ch) - 1 else None) for i in range(len(ch))])
         self.mid_block = MidBlock(ch[-1], c.groups, c.mid_attention)
         self.conv_norm_out = nn.GroupNorm(c.groups, ch[-1], eps=EPS)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[-1], (2 if double_z else 1) * c.latent_channels, 3,
+                                  padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)

@@ -104,6 +104,8 @@ def reconstruction_report(codec: Codec, images: Tensor, extractor=None,
                       "shift": float(codec.shift),
                       "scaled_std": float(z.double().std()),
                       "scaled_mean": float(z.double().mean())}}
+    if hasattr(codec, "codebook_usage"):  # a VQ model: how much of its codebook it uses
+        out["codebook"] = codec.codebook_usage(images.to(device))
     if min(images.shape[-2:]) >= 11:
         out["ssim"] = summary(ssim(rec, images))
     if extractor is not None:
@@ -132,6 +134,10 @@ def render(report: dict) -> str:
     if "rfid" in r:
         lines.append(f"| rFID | {r['rfid']['value']:.4g} (floor {r['rfid_floor']['value']:.4g},"
                      f" {r['extractor'].get('name', '?')} features) |")
+    if "codebook" in r:
+        cb = r["codebook"]
+        lines.append(f"| codebook usage | {cb['used']} of {cb['codes']} codes "
+                     f"({100 * cb['used_fraction']:.1f}%), perplexity {cb['perplexity']:.1f} |")
     lat = r["latent"]
     lines += ["", f"Latents: {tuple(lat['shape'])} (factor {lat['factor']}), scale factor "
               f"{lat['scale_factor']:.5g}, shift {lat['shift']:.3g}; the scaled latents have "
@@ -224,6 +230,8 @@ def evaluate_codec_run(args) -> dict:
         line += f", SSIM {r['ssim']['value']:.4f}"
     if "rfid" in r:
         line += f", rFID {r['rfid']['value']:.4g} (floor {r['rfid_floor']['value']:.4g})"
+    if "codebook" in r:
+        line += f", {r['codebook']['used']}/{r['codebook']['codes']} codes used"
     print(f"{line} on {r['n']} {what}")
     print(f"wrote {out / 'report.md'}")
     return report

@@ -12,15 +12,17 @@ from difflab.errors import bad_value
 @dataclass(frozen=True)
 class AutoencoderObjective:
     """Per example: ``l1 |x - x_hat| + l2 (x - x_hat)^2 + perceptual_weight d(x, x_hat)``
-    (pixel means) ``+ kl_weight KL / pixels`` ``+ adaptive(disc_weight) gan`` after
-    ``disc_start`` steps, and the discriminator's hinge loss. ``KL / pixels`` keeps LDM's
-    ``kl_weight`` meaning (LDM sums both terms over pixels; dividing both by the pixel count
-    only rescales the loss). ``disc_weight = 0`` trains no discriminator.
+    (pixel means) ``+ kl_weight KL / pixels`` (a VQ model: ``+ codebook_weight L_vq``)
+    ``+ adaptive(disc_weight) gan`` after ``disc_start`` steps, and the discriminator's hinge
+    loss. ``KL / pixels`` keeps LDM's ``kl_weight`` meaning (LDM sums both terms over pixels;
+    dividing both by the pixel count only rescales the loss). ``disc_weight = 0`` trains no
+    discriminator.
 
     Attributes:
         l1: weight of the L1 reconstruction term (LDM: 1).
         l2: weight of an L2 term (0: none).
         kl_weight: LDM's KL weight (1e-6 for its KL-f8 model).
+        codebook_weight: weight of a VQ model's codebook + commitment loss (VQGAN: 1).
         perceptual: the extractor that gives the perceptual distance (``emoji-perceptual``,
             ``mnist-perceptual``; None: none).
         perceptual_weight: its weight (LDM: 1).
@@ -34,6 +36,7 @@ class AutoencoderObjective:
     l1: float = 1.0
     l2: float = 0.0
     kl_weight: float = 1e-6
+    codebook_weight: float = 1.0
     perceptual: str | None = None
     perceptual_weight: float = 1.0
     disc_weight: float = 0.0
@@ -43,7 +46,8 @@ class AutoencoderObjective:
     sample_posterior: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("l1", "l2", "kl_weight", "perceptual_weight", "disc_weight"):
+        for name in ("l1", "l2", "kl_weight", "codebook_weight", "perceptual_weight",
+                     "disc_weight"):
             v = getattr(self, name)
             if not v >= 0:
                 raise bad_value(f"objective.{name}", v, "a number >= 0")
@@ -58,8 +62,10 @@ class AutoencoderObjective:
 
 
 def _autoencoder(*, l1: float = 1.0, l2: float = 0.0, kl_weight: float = 1e-6,
-                 perceptual: str | None = None, perceptual_weight: float = 1.0,
+                 codebook_weight: float = 1.0, perceptual: str | None = None,
+                 perceptual_weight: float = 1.0,
                  disc_weight: float = 0.0, disc_start: int = 0, disc_layers: int = 2,
                  disc_width: int = 32, sample_posterior: bool = True) -> AutoencoderObjective:
-    return AutoencoderObjective(l1, l2, kl_weight, perceptual, perceptual_weight, disc_weight,
-                                disc_start, disc_layers, disc_width, sample_posterior)
+    return AutoencoderObjective(l1, l2, kl_weight, codebook_weight, perceptual,
+                                perceptual_weight, disc_weight, disc_start, disc_layers,
+                                disc_width, sample_posterior)

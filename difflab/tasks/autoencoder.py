@@ -126,8 +126,12 @@ class AutoencoderTask(TrainingTask):
             rec = rec + obj.l2 * diff.pow(2).flatten(1).mean(1)
         if self.perceptual is not None:
             rec = rec + obj.perceptual_weight * self.perceptual(x, x_hat)
-        pixels = x[0].numel()
-        total = rec + obj.kl_weight * post.kl() / pixels
+        from difflab.latent.codec import DiagonalGaussian
+
+        if isinstance(post, DiagonalGaussian):  # KL-regularised (LDM's KL weight per pixel)
+            total = rec + obj.kl_weight * post.kl() / x[0].numel()
+        else:  # vector-quantised: codebook + commitment (VQGAN eq. 4)
+            total = rec + obj.codebook_weight * post.loss
         disc = modules.get("discriminator")
         if disc is None or self.step < obj.disc_start:
             return total

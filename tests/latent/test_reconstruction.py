@@ -72,3 +72,12 @@ def test_eval_of_an_autoencoder_run_reports_reconstruction(tmp_path, monkeypatch
     assert main(["export", str(run), str(tmp_path / "codec")]) == 0
     assert main(["eval", str(tmp_path / "codec"), "--metrics", "fid"]) == 2
     assert "exported codec" in capsys.readouterr().err
+
+
+def test_a_vq_codecs_report_has_its_codebook_usage():
+    import difflab
+
+    torch.manual_seed(0)
+    m = difflab.build("vq", preset="tiny").eval()
+    r = reconstruction_report(m, torch.rand(8, 3, 16, 16) * 2 - 1)
+    assert r["codebook"]["codes"] == 16 and 1 <= r["codebook"]["used"] <= 16
