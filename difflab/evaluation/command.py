@@ -403,9 +403,89 @@ def _evaluate_setting(run: EvalRun, setting: Setting, ref: RealReference, metric
             "grid": str(grid.relative_to(out_dir)), "seconds": seconds}
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from difflab.latent.evaluate import evaluate_codec_run, is_codec_run
+def is_codec_run(source) -> bool:
+    """Whether ``source`` (a run, checkpoint or component folder) holds a codec."""
+    from difflab.components import CONFIG_JSON, get_family, read_component_config
+    from difflab.runs import CONFIG_FILE, _is_checkpoint_dir, run_config
 
+    p = Path(source)
+    try:
+        if (p / CONFIG_JSON).is_file():
+            return get_family(read_component_config(p)["family"]).kind == "codec"
+        if _is_checkpoint_dir(p):
+            p = p.parent.parent
+        if (p / CONFIG_FILE).is_file():
+            cfg = run_config(p / CONFIG_FILE)
+            return get_family(cfg.model.arch).kind == "codec"
+    except Exception:  # noqa: BLE001 - not readable as a codec: the caller's loader says why
+        return False
+    return False
+
+
+def evaluate_codec_run(args) -> dict:
+    """``difflab eval`` of an autoencoder run: :func:`reconstruction_report` on its held-out
+    images (``--n`` at most), rFID when ``fid`` is among ``--metrics``; writes
+    ``report.json`` and ``report.md`` into ``--out`` (default ``RUN/eval``)."""
+    from difflab.builders import build_dataset, build_held_out
+    from difflab.evaluation.report import _atomic_text
+    from difflab.latent.evaluate import reconstruction_report, render
+    from difflab.runs import load_run
+
+    metrics = parse_metrics(args.metrics)
+    output_folder("--out", args.out)
+    run = load_run(args.run, args.checkpoint)
+    notes = []
+    if run.checkpoint is None or (Path(run.checkpoint) / "config.json").is_file():
+        raise DifflabError(f"{args.run}: evaluate the autoencoder's run folder (its [data] "
+                           "section says which images are held out), not an exported codec")
+    held = build_held_out(run.config)
+    if held is None:
+        held = build_dataset(run.config)
+        notes.append("the run holds no images out: these are training images")
+        what = "training images"
+    else:
+        what = "held-out images"
+    x, _ = dataset_tensors(held)
+    g = torch.Generator().manual_seed(args.seed)
+    if x.shape[0] > args.n:
+        x = x[torch.randperm(x.shape[0], generator=g)[:args.n]]
+    ext = None
+    if "fid" in metrics:
+        name = args.extractor or extractor_for_dataset(run.config.data.name)
+        data = build_dataset(run.config)
+        native = _native_data(name, run.config, data)
+        ext = get_extractor(name, native if name != "inception" else None,
+                            train=args.train_extractor, progress=args.progress,
+                            inception_weights=args.inception_weights)
+        if native is not data:
+            ext.resize_inputs = True
+            notes.append(f"images are resized to {ext.image_size}x{ext.image_size} for the "
+                         f"{ext.name!r} extractor")
+    other = [m for m in metrics if m != "fid"]
+    if other:
+        notes.append(f"--metrics {','.join(other)}: not defined for reconstructions (only fid "
+                     "gives rFID; PSNR and SSIM are always reported)")
+    report = {"run": str(args.run), "step": run.step, "kind": "reconstruction", "data": what,
+              "notes": notes,
+              "reconstruction": reconstruction_report(run.net, x, ext, g)}
+    out = Path(args.out) if args.out else Path(args.run) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_text(out / "report.json", json.dumps(report, indent=2, default=str))
+    _atomic_text(out / "report.md", render(report))
+    r = report["reconstruction"]
+    line = f"PSNR {r['psnr_db']['value']:.2f} dB"
+    if "ssim" in r:
+        line += f", SSIM {r['ssim']['value']:.4f}"
+    if "rfid" in r:
+        line += f", rFID {r['rfid']['value']:.4g} (floor {r['rfid_floor']['value']:.4g})"
+    if "codebook" in r:
+        line += f", {r['codebook']['used']}/{r['codebook']['codes']} codes used"
+    print(f"{line} on {r['n']} {what}")
+    print(f"wrote {out / 'report.md'}")
+    return report
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
     if is_codec_run(args.run):  # an autoencoder: reconstruction PSNR / SSIM / rFID
         evaluate_codec_run(args)
         return 0
