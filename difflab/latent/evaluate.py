@@ -140,9 +140,13 @@ def render(report: dict) -> str:
                      f"({100 * cb['used_fraction']:.1f}%), perplexity {cb['perplexity']:.1f} |")
     lat = r["latent"]
     lines += ["", f"Latents: {tuple(lat['shape'])} (factor {lat['factor']}), scale factor "
-              f"{lat['scale_factor']:.5g}, shift {lat['shift']:.3g}; the scaled latents have "
-              f"std {lat['scaled_std']:.3f} and mean {lat['scaled_mean']:.3f} (posterior means: "
-              "their std is below that of the posterior samples the scale was fitted on).", ""]
+              f"{lat['scale_factor']:.5g}, shift {lat['shift']:.3g}; the scaled posterior means "
+              f"have std {lat['scaled_std']:.3f} and mean {lat['scaled_mean']:.3f}.", ""]
+    if "rfid" in r:
+        lines += ["rFID compares the images with their own reconstructions (two paired sets of "
+                  f"{r['n']}); the floor compares two disjoint halves of the real images "
+                  f"({r['n'] // 2} each), so it shows the FID's bias at that size, not a lower "
+                  "bound for rFID.", ""]
     lines += [f"- {n}" for n in report.get("notes", [])]
     return "\n".join(lines) + "\n"
 
