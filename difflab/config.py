@@ -59,6 +59,8 @@ class PathConfig(Section):
     (iDDPM eq. 17); ``discrete``: betas; ``vp_linear``: beta_min, beta_max, t_min;
     ``vp_cosine``: s, t_min, t_max; ``subvp`` / ``ve``: beta or sigma range, t_min, t_max;
     ``edm``: sigma_min, sigma_max; ``linear`` / ``gvp``: t_min, t_max. Unset = the default.
+    The discrete kinds also take ``zero_snr`` (Lin et al. 2024: betas rescaled so the last
+    step is pure noise; needs ``task.prediction = "v"`` or ``"x0"``).
     """
 
     kind: PathKind = "discrete_linear"
@@ -74,6 +76,7 @@ class PathConfig(Section):
     sigma_max: float | None = Pos
     t_min: float | None = Pos
     t_max: float | None = Pos
+    zero_snr: bool | None = None
 
     @model_validator(mode="after")
     def _params_of_kind(self) -> PathConfig:

@@ -20,6 +20,28 @@ from difflab.paths.base import GaussianPath, as_time, expand_like
 from difflab.prediction import Prediction, check_kind, var_frac_from_output
 
 
+def check_zero_snr(path: GaussianPath, prediction: str, precond: bool = False) -> None:
+    """Refuse a parameterization that is undefined where ``alpha = 0`` (zero terminal SNR).
+
+    At ``alpha_T = 0``, ``x_T`` holds no signal, so ``eps`` (and the score) equal ``x_T`` whatever
+    the data and ``x0 = (x_t - sigma eps) / alpha`` is ``0 / 0``; EDM's preconditioning divides
+    by ``alpha`` too. Lin et al. 2024 (Sec. 3.2) train with ``v`` prediction for this reason.
+    """
+    if not getattr(path, "zero_terminal_snr", False):
+        return
+    if precond:
+        raise DifflabError(
+            f"EDM preconditioning divides x_t by alpha, which is 0 at the last step of {path!r} "
+            "(zero terminal SNR): use prediction v or x0 without precond"
+        )
+    if prediction in ("eps", "score"):
+        raise DifflabError(
+            f"prediction {prediction!r} cannot give x0 where alpha = 0 (the last step of "
+            f"{path!r}, zero terminal SNR): use prediction 'v' (as SD 2 and Lin et al. 2024 do), "
+            "'x0' or 'velocity'"
+        )
+
+
 class DenoiserBase:
     """Anything with a ``path`` that maps ``(x_t, t)`` to a :class:`Prediction`."""
 
@@ -113,6 +135,7 @@ class Denoiser(DenoiserBase):
         self.net = net
         self.path = path
         self.prediction = check_kind(prediction)
+        check_zero_snr(path, self.prediction, precond is not None)
         self.time_input = time_input or path.time_input
         self.precond = precond
         self.learned_variance = learned_variance

@@ -67,6 +67,12 @@ class GaussianPath(ABC):
     t_max: float
     name: str = "path"
 
+    @property
+    def t_max_finite(self) -> float:
+        """The largest time whose log-SNR is finite (``t_max`` except at zero terminal SNR,
+        where ``alpha(t_max) = 0``); grids spaced in log-SNR or sigma start their spacing here."""
+        return self.t_max
+
     # ----- the four primitives -------------------------------------------------------------
     @abstractmethod
     def alpha(self, t: Time) -> torch.Tensor:

@@ -55,30 +55,36 @@ class VP(GaussianPath):
 
     # ----- constructors ------------------------------------------------------------------
     @staticmethod
-    def discrete(betas) -> DiscreteVP:
-        """DDPM's discrete chain with the given ``betas`` (Ho et al. 2020, eq. 2-4)."""
-        return DiscreteVP(betas)
+    def discrete(betas, zero_snr: bool = False) -> DiscreteVP:
+        """DDPM's discrete chain with the given ``betas`` (Ho et al. 2020, eq. 2-4).
+
+        ``zero_snr`` rescales them to zero terminal SNR (:func:`rescale_zero_terminal_snr`).
+        """
+        return DiscreteVP(_maybe_zero_snr(betas, zero_snr))
 
     @staticmethod
-    def discrete_linear(N: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    def discrete_linear(N: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                        zero_snr: bool = False):
         """DDPM's linear betas (Ho et al. 2020, Sec. 4: 1e-4 to 0.02 over 1000 steps)."""
         if N < 1:
             raise bad_value("N", N, "a positive number of steps")
-        return DiscreteVP(torch.linspace(beta_start, beta_end, N, dtype=torch.float64))
+        betas = torch.linspace(beta_start, beta_end, N, dtype=torch.float64)
+        return DiscreteVP(_maybe_zero_snr(betas, zero_snr))
 
     @staticmethod
     def discrete_scaled_linear(N: int = 1000, beta_start: float = 0.00085,
-                               beta_end: float = 0.012):
+                               beta_end: float = 0.012, zero_snr: bool = False):
         """LDM's / Stable Diffusion's "scaled linear" betas: linear in ``sqrt(beta)`` from
         ``sqrt(beta_start)`` to ``sqrt(beta_end)`` (LDM's ``make_beta_schedule("linear")``
         with SD's ``linear_start = 0.00085``, ``linear_end = 0.012``)."""
         if N < 1:
             raise bad_value("N", N, "a positive number of steps")
         root = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, N, dtype=torch.float64)
-        return DiscreteVP(root ** 2)
+        return DiscreteVP(_maybe_zero_snr(root ** 2, zero_snr))
 
     @staticmethod
-    def discrete_cosine(N: int = 1000, s: float = 0.008, max_beta: float = 0.999):
+    def discrete_cosine(N: int = 1000, s: float = 0.008, max_beta: float = 0.999,
+                        zero_snr: bool = False):
         """Improved DDPM's cosine schedule (Nichol & Dhariwal 2021, eq. 17), betas clipped."""
         if N < 1:
             raise bad_value("N", N, "a positive number of steps")
@@ -86,7 +92,7 @@ class VP(GaussianPath):
         f = torch.cos((n / N + s) / (1 + s) * math.pi / 2) ** 2
         abar = f / f[0]
         betas = (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
-        return DiscreteVP(betas)
+        return DiscreteVP(_maybe_zero_snr(betas, zero_snr))
 
     @staticmethod
     def linear(beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-5):
@@ -99,6 +105,35 @@ class VP(GaussianPath):
         return CosineVP(s, t_min=t_min, t_max=t_max)
 
 
+def rescale_zero_terminal_snr(betas) -> torch.Tensor:
+    """Betas whose last step reaches ``alpha_bar = 0`` (zero terminal SNR).
+
+    Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1:
+    shift ``sqrt(alpha_bar)`` so its last value is 0 and scale it so its first is unchanged,
+    then read the betas back (the last one becomes exactly 1). A model on such a path sees pure
+    noise at its last step, as it does at sampling time; it must predict ``v`` or ``x0`` there,
+    since ``eps`` carries no information about ``x0`` at ``alpha = 0`` (their Sec. 3.2).
+    """
+    betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+    if betas.numel() < 2:
+        raise bad_value("betas", betas.tolist(), "at least 2 steps for zero terminal SNR")
+    root = torch.exp(0.5 * torch.cumsum(torch.log1p(-betas), 0))   # sqrt(alpha_bar_n)
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    abar = root ** 2
+    out = torch.empty_like(betas)
+    out[0] = 1.0 - abar[0]
+    out[1:] = 1.0 - abar[1:] / abar[:-1]
+    out[-1] = 1.0
+    return out
+
+
+def _maybe_zero_snr(betas, zero_snr: bool):
+    if not isinstance(zero_snr, bool):
+        raise bad_value("zero_snr", zero_snr, "true or false")
+    return rescale_zero_terminal_snr(betas) if zero_snr else betas
+
+
 class DiscreteVP(VP):
     """A discrete DDPM chain seen as a continuous path.
 
@@ -107,20 +142,35 @@ class DiscreteVP(VP):
     ``log alpha`` is piecewise linear between knots, so the model is exact at its own steps and
     continuous-time solvers can evaluate it anywhere in between. The network's time signal is the
     fractional step index ``t N - 1``.
+
+    A last beta of exactly 1 is zero terminal SNR (:func:`rescale_zero_terminal_snr`): then
+    ``alpha`` (not ``log alpha``, which ends at ``-inf``) is linear on the last segment, so
+    ``alpha``, ``sigma`` and their derivatives stay finite up to ``alpha(1) = 0``.
     """
 
     name = "discrete"
 
     def __init__(self, betas) -> None:
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
-        if betas.numel() < 1 or not bool(((betas > 0) & (betas < 1)).all()):
-            raise bad_value("betas", betas.tolist()[:5], "a non-empty sequence in (0, 1)")
+        inner = betas[:-1]
+        if (betas.numel() < 1 or not bool(((inner > 0) & (inner < 1)).all())
+                or not 0 < float(betas[-1]) <= 1):
+            raise bad_value("betas", betas.tolist()[:5],
+                            "a non-empty sequence in (0, 1) (the last may be 1: zero terminal SNR)")
         self.betas = betas
         self.N = int(betas.numel())
+        self.zero_terminal_snr = float(betas[-1]) == 1.0
+        if self.zero_terminal_snr and self.N < 2:
+            raise bad_value("betas", betas.tolist(), "at least 2 steps for zero terminal SNR")
         self._knots = torch.cat([torch.zeros(1, dtype=torch.float64),
                                  0.5 * torch.cumsum(torch.log1p(-betas), 0)])
         self.t_min = 1.0 / self.N
         self.t_max = 1.0
+
+    @property
+    def t_max_finite(self) -> float:
+        """The largest time with finite log-SNR: ``(N-1)/N`` at zero terminal SNR."""
+        return (self.N - 1.0) / self.N if self.zero_terminal_snr else self.t_max
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -141,11 +191,34 @@ class DiscreteVP(VP):
 
     def log_alpha(self, t: Time) -> torch.Tensor:
         t, L, i, frac = self._segment(t)
+        if self.zero_terminal_snr:  # last segment: alpha = alpha_{N-1} (1 - frac)
+            last = i == self.N - 1
+            inner = L[i] + torch.where(last, 0.0, frac) * torch.where(last, 0.0, L[i + 1] - L[i])
+            return torch.where(last, L[i] + torch.log1p(-frac), inner).to(t.dtype)
         return (L[i] + frac * (L[i + 1] - L[i])).to(t.dtype)
 
     def d_log_alpha(self, t: Time) -> torch.Tensor:
-        t, L, i, _ = self._segment(t)
+        t, L, i, frac = self._segment(t)
+        if self.zero_terminal_snr:
+            last = i == self.N - 1
+            inner = (torch.where(last, 0.0, L[i + 1] - L[i])) * self.N
+            return torch.where(last, -self.N / (1.0 - frac), inner).to(t.dtype)
         return ((L[i + 1] - L[i]) * self.N).to(t.dtype)
+
+    def d_alpha(self, t: Time) -> torch.Tensor:
+        if not self.zero_terminal_snr:
+            return super().d_alpha(t)
+        # finite at alpha = 0: on the last segment d alpha / dt = -alpha_{N-1} N
+        t, L, i, _ = self._segment(t)
+        last = i == self.N - 1
+        slope = torch.exp(L[i]) * -self.N
+        return torch.where(last, slope, self.alpha(t).double() * self.d_log_alpha(t).double()
+                           ).to(t.dtype)
+
+    def d_sigma(self, t: Time) -> torch.Tensor:
+        if not self.zero_terminal_snr:
+            return super().d_sigma(t)
+        return -self.alpha(t) * self.d_alpha(t) / self.sigma(t)
 
     def t_from_log_alpha(self, la: torch.Tensor) -> torch.Tensor:
         L = self._knots.to(la.device)
@@ -153,14 +226,21 @@ class DiscreteVP(VP):
         # -L is increasing; pos is the first knot with L <= la
         pos = torch.searchsorted(-L, -target.reshape(-1).contiguous()).reshape(target.shape)
         i = (pos - 1).clamp(0, self.N - 1)
-        frac = ((target - L[i]) / (L[i + 1] - L[i])).clamp(0.0, 1.0)
+        if self.zero_terminal_snr:
+            last = i == self.N - 1
+            Li1 = torch.where(last, L[i] - 1.0, L[i + 1])  # any finite stand-in on the last
+            frac = ((target - L[i]) / (Li1 - L[i])).clamp(0.0, 1.0)
+            frac_last = (-torch.expm1(target - L[i])).clamp(0.0, 1.0)
+            frac = torch.where(last, frac_last, frac)
+        else:
+            frac = ((target - L[i]) / (L[i + 1] - L[i])).clamp(0.0, 1.0)
         return ((i.double() + frac) / self.N).to(la.dtype)
 
     def time_input(self, t: torch.Tensor) -> torch.Tensor:
         return t * self.N - 1.0
 
     def __repr__(self) -> str:
-        return f"VP.discrete(N={self.N})"
+        return f"VP.discrete(N={self.N}{', zero_snr' if self.zero_terminal_snr else ''})"
 
 
 def _solve_linear_log_alpha(la: torch.Tensor, b0: float, b1: float) -> torch.Tensor:

@@ -37,7 +37,7 @@ def _std_learned(path, pred, t, s, var):
 _STD = {"small": _std_small, "large": _std_large, "learned": _std_learned}
 
 
-@register("ddpm", stochastic=True, order=1)
+@register("ddpm", stochastic=True, order=1, zero_snr_native=True)
 def ddpm(den: DenoiserBase, x: torch.Tensor, grid, *, variance: str = "small", noise=None,
          hooks=None) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2; respaced as in iDDPM Sec. 4).
@@ -70,7 +70,7 @@ def ddpm(den: DenoiserBase, x: torch.Tensor, grid, *, variance: str = "small", n
     return x
 
 
-@register("ddim", stochastic=True, order=1, noise_when="eta > 0")
+@register("ddim", stochastic=True, order=1, noise_when="eta > 0", zero_snr_native=True)
 def ddim(den: DenoiserBase, x: torch.Tensor, grid, *, eta: float = 0.0, noise=None,
          hooks=None) -> torch.Tensor:
     """DDIM (Song, Meng & Ermon 2021, eq. 12) for any ``eta``.

@@ -123,6 +123,9 @@ class SamplerSpec:
     noise_when: str = ""
     """For a sampler that draws noise only for some option values (DDIM's ``eta``, EDM Heun's
     ``S_churn``), the condition, e.g. ``"eta > 0"``; its defaults are then deterministic."""
+    zero_snr_native: bool = False
+    """Whether the sampler itself steps from ``alpha = 0`` (zero terminal SNR); otherwise
+    :func:`sample` takes that first step for it (see ``_from_zero_snr``)."""
 
     def describe_noise(self) -> str:
         """``stochastic``, ``deterministic`` or ``deterministic (stochastic when eta > 0)``."""
@@ -140,7 +143,8 @@ SAMPLERS: dict[str, SamplerSpec] = {}
 
 
 def register(name: str, *, stochastic: bool, order: int, needs_learned_variance: bool = False,
-             evals_per_step: int = 1, needs_extra: tuple[str, ...] = (), noise_when: str = ""):
+             evals_per_step: int = 1, needs_extra: tuple[str, ...] = (), noise_when: str = "",
+             zero_snr_native: bool = False):
     """Decorator: add a sampler to the registry under ``name``.
 
     ``needs_extra`` names keyword options the sampler cannot run without (Analytic-DPM's
@@ -153,7 +157,8 @@ def register(name: str, *, stochastic: bool, order: int, needs_learned_variance:
         if name in SAMPLERS:
             raise DifflabError(f"a sampler named {name!r} is already registered")
         SAMPLERS[name] = SamplerSpec(name, fn, stochastic, order, needs_learned_variance,
-                                     evals_per_step, tuple(needs_extra), noise_when)
+                                     evals_per_step, tuple(needs_extra), noise_when,
+                                     zero_snr_native)
         return fn
 
     return deco
@@ -178,7 +183,44 @@ def sample(name: str, den: DenoiserBase, x_init: torch.Tensor, grid, **kwargs) -
         )
     for key, value in kwargs.items():
         _check_option_type(spec, key, value)
+    if not spec.zero_snr_native and _starts_at_zero_snr(den, grid):
+        return _from_zero_snr(spec, den, x_init, grid, kwargs)
     return spec.fn(den, x_init, grid, **kwargs)
+
+
+def _starts_at_zero_snr(den: DenoiserBase, grid) -> bool:
+    path = getattr(den, "path", None)
+    if path is None or not isinstance(grid, torch.Tensor | list | tuple):
+        return False
+    g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu()
+    return g.ndim == 1 and g.numel() >= 2 and float(path.alpha(g[:1])) == 0.0
+
+
+def _from_zero_snr(spec: SamplerSpec, den: DenoiserBase, x: torch.Tensor, grid, kwargs: dict
+                   ) -> torch.Tensor:
+    """The first step of a grid that starts at ``alpha = 0`` (zero terminal SNR), then the
+    sampler on the rest of the grid.
+
+    At ``alpha_T = 0`` log-SNR is ``-inf``, so noise-space solvers (``sigma / alpha``), SDE drifts
+    and multistep ratios of log-SNR steps are undefined there (the NaN peers report). This step
+    is every exponential integrator's first-order step in the limit ``lambda_T -> -inf``:
+    ``x_s = alpha_s x0_hat(x_T) + sigma_s x_T`` (DDIM eq. 12, where ``eps_hat = x_T`` because
+    ``x_T`` carries no signal). It is also exact for stochastic samplers: the posterior
+    ``q(x_s | x_T, x0)`` is ``N(alpha_s x0, sigma_s^2 I)`` and ``x_T`` is itself a fresh standard
+    normal independent of everything before it.
+    """
+    path, hooks = den.path, as_hooks(kwargs.get("hooks"))
+    grid, x = check_grid(grid, path), check_x(x)
+    t, s = grid[0], grid[1]
+    pred = predict(den, x, t, hooks)
+    if float(s) == 0.0:
+        x = pred.x0
+    else:
+        x = float(path.alpha(s)) * pred.x0 + float(path.sigma(s)) * pred.eps
+    x = after_step(hooks, 0, grid.numel() - 1, t, s, x, pred)
+    if grid.numel() == 2:
+        return x
+    return spec.fn(den, x, grid[1:], **kwargs)
 
 
 _KINDS = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}

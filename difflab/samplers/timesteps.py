@@ -52,16 +52,35 @@ def quadratic(path: GaussianPath, steps: int, t_start=None, t_end=None, to_zero=
     return _finish(path, t1 + (t0 - t1) * u * u, to_zero)
 
 
+def _from_finite_start(path: GaussianPath, t0: float, t1: float, n: int, spaced) -> torch.Tensor:
+    """``spaced(t0, t1, n)`` (``n`` times from ``t0`` to ``t1``), except at zero terminal SNR:
+    log-SNR and sigma are infinite at ``alpha(t0) = 0``, so the grid's first step goes from
+    ``t0`` to the last finite time ``path.t_max_finite`` and the other ``n - 1`` are spaced from
+    there (the trailing-timestep idea of Lin et al. 2024, Sec. 3.3, for continuous spacings)."""
+    if t0 <= path.t_max_finite or n == 1:
+        return spaced(t0, t1, n) if n > 1 or t0 <= path.t_max_finite else \
+            torch.tensor([t0], dtype=torch.float64)
+    t0f = path.t_max_finite
+    if not t0f > t1:
+        raise DifflabError(f"t_end={t1} must be below the last finite-SNR time {t0f:g}")
+    rest = spaced(t0f, t1, n - 1) if n > 2 else torch.tensor([t1], dtype=torch.float64)
+    return torch.cat([torch.tensor([t0], dtype=torch.float64), rest])
+
+
 def log_snr(path: GaussianPath, steps: int, t_start=None, t_end=None, to_zero=True):
     """Uniform in log-SNR (DPM-Solver's recommended "logSNR" spacing, Lu et al. 2022, Sec. 3.3)."""
     _check_steps(steps)
     t0, t1 = _ends(path, t_start, t_end)
     n = steps if to_zero else steps + 1
-    lam = torch.linspace(float(path.log_snr(t0)), float(path.log_snr(t1)), n,
-                         dtype=torch.float64)
-    t = path.t_from_log_snr(lam)
-    t[-1], t[0] = t1, t0  # in this order: a one-step grid (n = 1) must start at t0
-    return _finish(path, t, to_zero)
+
+    def spaced(a: float, b: float, m: int) -> torch.Tensor:
+        lam = torch.linspace(float(path.log_snr(a)), float(path.log_snr(b)), m,
+                             dtype=torch.float64)
+        t = path.t_from_log_snr(lam)
+        t[-1], t[0] = b, a  # in this order: a one-step grid (m = 1) must start at a
+        return t
+
+    return _finish(path, _from_finite_start(path, t0, t1, n, spaced), to_zero)
 
 
 def karras(path: GaussianPath, steps: int, rho: float = 7.0, t_start=None, t_end=None,
@@ -70,13 +89,17 @@ def karras(path: GaussianPath, steps: int, rho: float = 7.0, t_start=None, t_end
     _check_steps(steps)
     t0, t1 = _ends(path, t_start, t_end)
     n = steps if to_zero else steps + 1
-    s_max = float(path.sigma_ve(t0)) ** (1 / rho)
-    s_min = float(path.sigma_ve(t1)) ** (1 / rho)
-    u = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
-    sig = (s_max + u * (s_min - s_max)) ** rho
-    t = path.t_from_sigma_ve(sig)
-    t[-1], t[0] = t1, t0  # in this order: a one-step grid (n = 1) must start at t0
-    return _finish(path, t, to_zero)
+
+    def spaced(a: float, b: float, m: int) -> torch.Tensor:
+        s_max = float(path.sigma_ve(a)) ** (1 / rho)
+        s_min = float(path.sigma_ve(b)) ** (1 / rho)
+        u = torch.linspace(0.0, 1.0, m, dtype=torch.float64)
+        sig = (s_max + u * (s_min - s_max)) ** rho
+        t = path.t_from_sigma_ve(sig)
+        t[-1], t[0] = b, a  # in this order: a one-step grid (m = 1) must start at a
+        return t
+
+    return _finish(path, _from_finite_start(path, t0, t1, n, spaced), to_zero)
 
 
 SPACINGS = ("leading", "trailing", "linspace")

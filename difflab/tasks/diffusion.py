@@ -34,6 +34,13 @@ class DiffusionTask(TrainingTask):
         if cfg.codec is not None and cfg.sample.clip_x0:
             raise ValueError("sample.clip_x0=true clips to the [-1, 1] range of pixels, but "
                              "with [codec] the model samples latents: set sample.clip_x0=false")
+        if cfg.path.zero_snr and (t.prediction in ("eps", "score") or t.precond != "none"):
+            what = (f"task.precond={t.precond!r}" if t.precond != "none"
+                    else f"task.prediction={t.prediction!r}")
+            raise ValueError(f"path.zero_snr=true makes alpha = 0 at the last step, where "
+                             f"{what} cannot give x0 (x_T holds no signal): set "
+                             "task.prediction='v' (SD 2, Lin et al. 2024) or 'x0'"
+                             + (" and task.precond='none'" if t.precond != "none" else ""))
         if t.p_uncond > 0 and t.cond == "none":
             raise ValueError(f"task.p_uncond={t.p_uncond} drops the condition of a conditional "
                              "model, but task.cond='none': set task.cond or task.p_uncond=0")

@@ -98,6 +98,35 @@ def test_every_kind_of_sampler_runs_on_latents(codec_run, tmp_path, sampler):
     assert out.images.shape == (2, 1, 8, 8) and torch.isfinite(out.images).all()
 
 
+@pytest.fixture(scope="module")
+def v_zero_snr_run(codec_run, tmp_path_factory):
+    """ldm_v_emoji.toml's recipe at test size: v-prediction on a zero-terminal-SNR path."""
+    run = tmp_path_factory.mktemp("vzsnr") / "run"
+    train(ldm_config(codec_run, "path.kind='discrete_scaled_linear'", "path.zero_snr=true",
+                     "task.prediction='v'", "objective.target='v'", "task.cond='class'",
+                     "task.p_uncond=0.2", "sample.grid='discrete'",
+                     "sample.grid_options={spacing='trailing'}", "train.steps=2",
+                     "train.checkpoint_every=2"), run, progress=False)
+    return run
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "euler", "unipc_bh2",
+                                     "analytic_ddim"])
+def test_a_v_prediction_zero_snr_run_samples_from_t_T_without_nan(v_zero_snr_run, sampler):
+    run = load_run(v_zero_snr_run)
+    assert run.path.zero_terminal_snr and float(run.path.alpha(1.0)) == 0.0
+    from difflab.samplers import Hooks
+
+    for grid, options in (("discrete", {"spacing": "trailing"}), ("karras", {})):
+        times = []
+        out = generate(SampleRequest(run, sampler=sampler, steps=4, n=2, grid=grid,
+                                     grid_options=options, labels=[1], guidance="cfg:2",
+                                     hooks=Hooks(callback=lambda info, seen=times:
+                                                 seen.append(info.t))))
+        assert times[0] == 1.0, (grid, times)  # the first step is taken at alpha = 0
+        assert out.images.shape == (2, 1, 8, 8) and bool(torch.isfinite(out.images).all())
+
+
 def test_classifier_free_guidance_on_latents(codec_run, tmp_path):
     run = tmp_path / "cfg"
     train(ldm_config(codec_run, "task.cond='class'", "task.p_uncond=0.2", "train.steps=2",
