@@ -32,6 +32,17 @@ count_from_zero = _number(int, 0, True, "an integer >= 0")
 positive_float = _number(float, 0.0, False, "a positive number")
 
 
+def fraction(text: str) -> float:
+    """An argparse ``type``: a number in ``(0, 1]`` (img2img strength)."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+fraction.__name__ = "a number in (0, 1]"
+
+
 def device_name(text: str) -> str:
     """An argparse ``type``: a torch device this PyTorch can use (``cpu``, ``cuda``, ``cuda:1``,
     ``mps``)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from difflab.argtypes import (
     count_from_zero,
     device_name,
+    fraction,
     output_file,
     output_folder,
     positive_float,
@@ -192,6 +193,11 @@ def register_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", metavar="SPEC", help="none | cfg:SCALE[:rescale=R]"
                    "[:interval=LO-HI] | classifier:RUN:SCALE (default: the run's "
                    "sample.guidance)")
+    p.add_argument("--init", action="append", metavar="IMAGE", help="image-to-image (SDEdit): "
+                   "start from this image file, noised to the time --strength picks (repeat "
+                   "for one image per sample; one image is used for all --n samples)")
+    p.add_argument("--strength", type=fraction, help="with --init: the fraction of the "
+                   "steps to run, in (0, 1] (default 0.8; 1 starts from pure noise)")
     p.add_argument("--batch-size", type=positive_int, help="samples per network batch")
     p.add_argument("--nrow", type=positive_int, help="images per grid row (default: "
                    "ceil(sqrt(n)))")
@@ -226,7 +232,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         options=options, guidance=args.guidance, labels=args.label, prompts=args.prompt,
         negative_prompt=args.negative_prompt, seed=args.seed, n=args.n,
         batch_size=args.batch_size, clip_x0=args.clip_x0, device=args.device,
-        progress=progress or None)
+        progress=progress or None, init=args.init, strength=args.strength)
     out = generate(request)
     x, n, st = out.images.clamp(-1, 1), out.images.shape[0], out.metadata
     if out_file is not None:
@@ -236,6 +242,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for i in range(n):
             save_image_grid(x[i:i + 1], where / f"sample_{i:05d}.png", padding=0)
     weights = "EMA" if args.ema else "raw"
+    if "strength" in st:
+        print(f"image-to-image from {len(args.init)} image(s) at strength {st['strength']:g}",
+              file=sys.stderr)
     print(f"wrote {n} samples ({st['sampler']}, {st['steps']} steps, {out.nfe} NFE, {weights} "
           f"weights of {run.checkpoint.name}, {out.seconds:.1f} s) to {where}", file=sys.stderr)
     return 0

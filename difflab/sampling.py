@@ -68,6 +68,71 @@ def sampling_grid(path: GaussianPath, steps: int, grid: str = "auto",
     return make_grid(name, path, steps, **(grid_options or {}))
 
 
+def strength_grid(t_grid: torch.Tensor, strength: float) -> torch.Tensor:
+    """The last ``int(steps * strength)`` steps of a grid (image-to-image), ``steps`` being the
+    grid's own: diffusers' ``StableDiffusionImg2ImgPipeline`` counts them the same way."""
+    steps = t_grid.numel() - 1
+    keep = min(int(steps * strength), steps)
+    if keep < 1:
+        raise DifflabError(f"strength={strength} with {steps} steps runs no step: use a strength "
+                           f">= {1 / steps:.3g} or more steps")
+    return t_grid[steps - keep:]
+
+
+def init_latents(run: LoadedRun, init: Any, strength: float | None, st: dict[str, Any],
+                 n_given: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Image-to-image inputs: ``init`` as a tensor in the model's space (the codec's scaled
+    posterior mean for a latent run) and the settings with ``n`` and ``strength`` resolved."""
+    strength = 0.8 if strength is None else strength
+    if isinstance(strength, bool) or not isinstance(strength, int | float) \
+            or not 0 < strength <= 1:
+        raise bad_value("strength", strength, "a number in (0, 1]")
+    shape = tuple(run.image_shape)
+    if isinstance(init, torch.Tensor):
+        x = init.detach().float()
+        if x.ndim == len(shape):
+            x = x[None]
+        if tuple(x.shape[1:]) != shape:
+            raise DifflabError(f"init images have shape {tuple(x.shape[1:])} but this run makes "
+                               f"images of shape {shape} (channels, height, width)")
+        if not bool(torch.isfinite(x).all()):
+            raise DifflabError("init images hold NaN or infinite values")
+    else:
+        x = _read_init_files(init, shape)
+    n = st["n"] if n_given else (x.shape[0] if x.shape[0] > 1 else st["n"])
+    if x.shape[0] not in (1, n):
+        raise DifflabError(f"{x.shape[0]} init images for n={n} samples: give one image, "
+                           f"or one per sample")
+    codec = run.codec
+    if codec is not None:
+        with torch.no_grad():
+            codec_device = next(iter(codec.parameters()), torch.empty(0)).device
+            x = torch.cat([codec.to_latent(b.to(codec_device), sample=False).cpu()
+                           for b in x.split(max(1, st["batch_size"]))])
+    return x, {**st, "n": n, "strength": float(strength)}
+
+
+def _read_init_files(init: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    from pathlib import Path
+
+    from difflab.data.decode import decode_image
+
+    paths = [init] if isinstance(init, (str, os.PathLike)) else list(init)
+    if not paths or not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        raise bad_value("init", init, "a tensor of images or image file path(s)")
+    channels, height, width = shape
+    if height != width or channels not in (1, 3):
+        raise DifflabError(f"init files need a square 1- or 3-channel model; this run makes "
+                           f"{shape}: pass a tensor instead")
+    rows = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise DifflabError(f"init image {p} does not exist (expected an image file)")
+        a = decode_image(p, height, channels)
+        rows.append(torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1.0)
+    return torch.stack(rows)
+
+
 def sample_seeds(seed: int, n: int) -> list[int]:
     """One seed per sample, derived from ``(seed, i)``."""
     from difflab.training.data import mix_seed
@@ -99,6 +164,14 @@ class SampleRequest:
         checkpoint, ema: which weights of a run folder.
         decode: decode latents through the run's codec (no effect in pixel space).
         progress: a progress-bar title (True: a default one; None / False: no bar).
+        init: image-to-image (SDEdit, Meng et al. 2022): the images to start from, a tensor
+            ``(N, C, H, W)`` in ``[-1, 1]`` at the run's image shape, or image file path(s) (fitted
+            to that shape). They are encoded (through the run's codec, its posterior mean),
+            noised to the grid time that ``strength`` picks and denoised from there. One image is
+            used for every sample; N images give N samples (or must equal ``n``).
+        strength: how much of the grid to run from ``init``, in ``(0, 1]`` (default 0.8): the
+            last ``int(steps * strength)`` steps, as diffusers' img2img counts them; 1 starts
+            from the prior time, so little of ``init`` survives.
     """
 
     model: Any
@@ -121,6 +194,8 @@ class SampleRequest:
     ema: bool = True
     decode: bool = True
     progress: str | bool | None = None
+    init: Any = None
+    strength: float | None = None
 
 
 @dataclass
@@ -204,6 +279,12 @@ def generate(request: SampleRequest) -> Samples:
     if st["clip_x0"] and run.codec is not None:
         raise DifflabError("clip_x0 clips to the [-1, 1] range of pixels, but this run samples "
                            "a codec's latents: sample without clip_x0")
+    init = None
+    if request.init is not None:
+        init, st = init_latents(run, request.init, request.strength, st,
+                                n_given=request.n is not None)
+    elif request.strength is not None:
+        raise DifflabError("strength applies to image-to-image: give init images too")
     n = st["n"]
     cond, null, guide = guidance_inputs(run, n, st["guidance"], request.labels, request.prompts,
                                         request.negative_prompt)
@@ -218,7 +299,8 @@ def generate(request: SampleRequest) -> Samples:
                         steps=st["steps"], grid=st["grid"], grid_options=st["grid_options"],
                         options=options, seed=st["seed"], batch_size=st["batch_size"],
                         cond=cond, null_cond=null, guide=guide, clip_x0=st["clip_x0"],
-                        hooks=request.hooks, device=request.device, progress=progress or None)
+                        hooks=request.hooks, device=request.device, progress=progress or None,
+                        init=init, strength=st.get("strength"))
     finally:
         counter.close()
     seconds = time.perf_counter() - start
@@ -279,10 +361,13 @@ class _CountCalls:
 def draw(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str, steps: int,
          grid: str, grid_options: dict, options: dict, seed: int, batch_size: int,
          cond: Cond | None, null_cond: Cond | None, guide: Guide | None, clip_x0: bool,
-         hooks: Any = None, device: Any = None, progress: str | None = None
+         hooks: Any = None, device: Any = None, progress: str | None = None,
+         init: torch.Tensor | None = None, strength: float | None = None
          ) -> tuple[torch.Tensor, list[int]]:
     """The sampling loop of :func:`generate`: ``n`` samples in batches, sample ``i`` with its
-    own noise stream; returns ``(samples on the CPU, seeds)``."""
+    own noise stream; returns ``(samples on the CPU, seeds)``. With ``init`` (``n`` or 1 rows
+    in the model's space) each sample starts from ``init`` noised to the time ``strength``
+    picks (SDEdit) instead of from the prior."""
     from difflab.samplers import Hooks, PerSampleNoise, get_sampler, sample
     from difflab.samplers.thresholding import StaticThreshold
 
@@ -301,6 +386,8 @@ def draw(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str, steps
         hooks = Hooks(correct_x0=correct, correct_xt=getattr(hooks, "correct_xt", None),
                       callback=getattr(hooks, "callback", None))
     t_grid = sampling_grid(den.path, steps, grid, grid_options)
+    if init is not None:
+        t_grid = strength_grid(t_grid, strength)
     seeds = sample_seeds(seed, n)
     if device is None:
         net = getattr(den, "net", None)
@@ -329,7 +416,13 @@ def draw(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str, steps
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
             noise = PerSampleNoise(seeds[lo:hi])
-            x = den.path.prior_sample((hi - lo, *shape), noise=noise).to(device)
+            if init is None:
+                x = den.path.prior_sample((hi - lo, *shape), noise=noise).to(device)
+            else:  # SDEdit (Meng et al. 2022, Alg. 1): x_t0 = alpha_t0 x0 + sigma_t0 eps
+                z0 = (init if init.shape[0] == 1 else init[lo:hi]).expand(hi - lo, *shape)
+                z0 = z0.to(device)
+                t0 = torch.full((hi - lo,), float(t_grid[0]), dtype=torch.float64)
+                x = den.path.add_noise(z0, noise.randn_like(z0), t0.to(device))
             c = None if cond is None else cond[lo:hi].to(device)
             nc = None if null_cond is None else null_cond[lo:hi].to(device)
             d = guide(den, c, nc) if guide is not None else den if c is None else den.bind(c)

@@ -193,3 +193,83 @@ def test_bad_codec_settings_are_named(codec_run, tmp_path):
     t = Trainer(ldm_config(codec_run, "codec.scale=0.5"), tmp_path / "e")
     assert t.task.codec.scale_factor.item() == 0.5
     shutil.rmtree(tmp_path / "e", ignore_errors=True)
+
+
+# ----- image-to-image (SDEdit, Meng et al. 2022) through the request ----------------------------
+def test_strength_keeps_the_last_steps_as_diffusers_img2img_does():
+    from diffusers import DDIMScheduler
+
+    from difflab.paths import VP
+    from difflab.samplers import timesteps
+    from difflab.sampling import strength_grid
+
+    path = VP.discrete_scaled_linear()
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          timestep_spacing="leading", steps_offset=0)
+    for steps, strength in ((10, 0.5), (20, 0.75), (7, 0.3), (50, 1.0)):
+        sched.set_timesteps(steps)
+        keep = min(int(steps * strength), steps)  # StableDiffusionImg2ImgPipeline.get_timesteps
+        ref = sched.timesteps[steps - keep:].tolist()
+        g = strength_grid(timesteps.discrete(path, steps, "leading"), strength)
+        assert [round(float(t) * 1000) - 1 for t in g[:-1]] == ref and float(g[-1]) == 0.0
+    with pytest.raises(DifflabError, match="runs no step"):
+        strength_grid(timesteps.discrete(path, 4), 0.2)
+
+
+def test_img2img_at_full_strength_on_zero_snr_is_plain_sampling(v_zero_snr_run):
+    """At alpha_T = 0, x_T = alpha_T x0 + sigma_T eps is the prior draw itself: strength 1 from
+    any image gives exactly the images sampled from noise with the same seeds."""
+    init = torch.rand(1, 1, 8, 8) * 2 - 1
+    kw = dict(sampler="ddim", steps=4, n=3, labels=[2], seed=5)
+    plain = generate(SampleRequest(v_zero_snr_run, **kw)).images
+    edit = generate(SampleRequest(v_zero_snr_run, init=init, strength=1.0, **kw))
+    assert torch.equal(plain, edit.images) and edit.metadata["strength"] == 1.0
+
+
+def test_img2img_at_low_strength_stays_near_its_image(tmp_path):
+    """One step from the smallest noise level returns x0_hat(alpha x0 + sigma eps): within a
+    few sigma of the init image, even for an untrained network (pixel space, DDIM, leading)."""
+    run = tmp_path / "pix"
+    train(load_config(None, ["model.preset='tiny'", "model.model_channels=8", "train.steps=2",
+                             "train.batch_size=8", "train.tensorboard=false",
+                             "train.checkpoint_every=2"]), run, progress=False)
+    init = torch.rand(4, 1, 8, 8) * 2 - 1
+    out = generate(SampleRequest(run, init=init, strength=0.02, steps=50, sampler="ddim"))
+    assert out.images.shape == (4, 1, 8, 8) and out.nfe == 1
+    assert float((out.images - init).abs().max()) < 0.1
+    far = generate(SampleRequest(run, init=init, strength=1.0, steps=50, sampler="ddim")).images
+    assert float((far - init).abs().mean()) > 5 * float((out.images - init).abs().mean())
+
+
+def test_img2img_on_latents_from_files_and_the_cli(v_zero_snr_run, tmp_path):
+    from PIL import Image
+
+    from difflab.cli import main
+
+    files = []
+    for i in range(2):
+        f = tmp_path / f"in{i}.png"
+        Image.fromarray((torch.rand(20, 20) * 255).byte().numpy()).save(f)  # resized to 8x8
+        files.append(str(f))
+    out = generate(SampleRequest(v_zero_snr_run, init=files, strength=0.5, steps=6,
+                                 labels=[1]))
+    assert out.images.shape == (2, 1, 8, 8) and bool(torch.isfinite(out.images).all())
+    assert out.nfe == 3
+    dest = tmp_path / "png"
+    assert main(["sample", str(v_zero_snr_run), "--init", files[0], "--strength", "0.5",
+                 "--n", "2", "--steps", "4", "--class", "1", "--out-dir", str(dest)]) == 0
+    assert len(list(dest.glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(init=torch.zeros(1, 3, 8, 8)), "shape"),
+    (dict(init=torch.zeros(3, 1, 8, 8), n=2), "3 init images for n=2"),
+    (dict(init=torch.full((1, 1, 8, 8), float("nan"))), "NaN"),
+    (dict(init=torch.zeros(1, 1, 8, 8), strength=0.0), "strength=0.0"),
+    (dict(init=torch.zeros(1, 1, 8, 8), strength=1.5), "strength=1.5"),
+    (dict(init="no/such.png"), "does not exist"),
+    (dict(strength=0.5), "give init images"),
+])
+def test_bad_img2img_inputs_are_named(v_zero_snr_run, kw, pattern):
+    with pytest.raises(DifflabError, match=pattern):
+        generate(SampleRequest(v_zero_snr_run, steps=4, labels=[1], **kw))
