@@ -30,7 +30,7 @@ __all__ = [
 
 # The application layer, imported on first use (``import difflab`` stays light).
 _LAZY = {
-    "build": "difflab.components", "save": "difflab.components", "load": "difflab.components",
+    "build": "difflab.components", "save": "difflab.components", "load": "difflab.interop",
     "register_family": "difflab.components", "families": "difflab.components",
     "Family": "difflab.components", "DataSpec": "difflab.components",
     "SampleRequest": "difflab.sampling", "Samples": "difflab.sampling",

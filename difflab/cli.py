@@ -154,13 +154,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def register_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample", help="draw samples from a trained run",
-        description="Draw samples from a trained run with any registered sampler and grid. "
-        "Unset options come from the run's [sample] config. Sample i depends only on (seed, "
-        "i), never on the batch size.",
-        epilog="example:\n  difflab sample runs/digits --sampler ddim --steps 50 --n 64 "
-        "--seed 0 --out samples.png",
+        description="Draw samples from a trained run, or from a diffusers Stable Diffusion "
+        "pipeline folder, with any registered sampler and grid. Unset options come from the "
+        "run's [sample] config (a pipeline's: from its scheduler config). Sample i depends only "
+        "on (seed, i), never on the batch size.",
+        epilog="examples:\n  difflab sample runs/digits --sampler ddim --steps 50 --n 64 "
+        "--seed 0 --out samples.png\n  difflab sample ~/models/stable-diffusion-v1-5 --prompt "
+        "'a red apple' --guidance cfg:7.5 --steps 20 --out apple.png",
         formatter_class=HelpFormatter)
-    p.add_argument("run", metavar="RUN", help="the run folder (or a checkpoint folder in it)")
+    p.add_argument("run", metavar="RUN", help="the run folder (or a checkpoint folder in it), "
+                   "an exported component folder, or a diffusers SD pipeline folder")
     p.add_argument("--sampler", help="a registered sampler (ddpm, ddim, dpmpp_2m, ...; "
                    "`difflab samplers` lists them all with what each needs)")
     p.add_argument("--steps", type=positive_int, help="sampling steps")
@@ -313,6 +316,54 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="convert between difflab and diffusers layouts (U-Net, KL autoencoder)",
+        description="A diffusers UNet2DConditionModel or AutoencoderKL folder (config.json + "
+        "diffusion_pytorch_model.safetensors) becomes a difflab component folder; a difflab "
+        "component folder or run (its EMA network) becomes a diffusers folder that "
+        "from_pretrained reads. The direction follows from IN. Unknown or missing weights and "
+        "settings difflab cannot reproduce are named.",
+        epilog="examples:\n  difflab convert sd/unet unet_difflab\n"
+        "  difflab convert exported/unet unet_diffusers",
+        formatter_class=HelpFormatter)
+    p.add_argument("source", metavar="IN", help="a diffusers component folder, a difflab "
+                   "component folder or a run folder")
+    p.add_argument("out", metavar="OUT", help="the folder to write")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from difflab.components import save
+    from difflab.interop.diffusers import diffusers_class, load_diffusers, save_diffusers
+
+    src, out = Path(args.source), output_folder("OUT", args.out)
+    if not src.is_dir():
+        raise DifflabError(f"{src} is not a folder (expected a diffusers or difflab component "
+                           "folder, or a run)")
+    if out.exists() and any(out.iterdir()):
+        raise DifflabError(f"{out} is not empty: choose a new folder")
+    name = diffusers_class(src)
+    if name is not None:
+        module = load_diffusers(src)
+        where = save(module, out, metadata={"source": str(src), "converted_from": name})
+        print(f"wrote {where} (difflab {type(module).__name__} from diffusers {name})",
+              file=sys.stderr)
+        return 0
+    from difflab.components import CONFIG_JSON, load
+    from difflab.sampling import load_run
+
+    if (src / CONFIG_JSON).is_file():  # a difflab component (difflab.save / export / convert)
+        module = load(src)
+    else:
+        module = load_run(src).net  # the EMA network (an autoencoder run's net is its codec)
+    where = save_diffusers(module, out)
+    print(f"wrote {where} (diffusers layout)", file=sys.stderr)
+    return 0
+
+
 def register_upgrade(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "upgrade", help="convert a version-1 config file or run folder to the current layout",
@@ -409,8 +460,8 @@ def register_evaluation(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS: list[Register] = [register_train, register_sample, register_samplers, register_demo,
-                            register_evaluation, register_export, register_upgrade,
-                            register_families]
+                            register_evaluation, register_export, register_convert,
+                            register_upgrade, register_families]
 
 
 def add_command(register: Register) -> Register:

@@ -80,7 +80,8 @@ class LoadedRun:
 def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None, ema: bool = True,
              device: torch.device | str = "cpu") -> LoadedRun:
     """Load a run folder's ``config.toml`` and a checkpoint (default: the latest that
-    verifies), a checkpoint folder inside a run, or a component folder of ``difflab export``.
+    verifies), a checkpoint folder inside a run, a component folder of ``difflab export``, or a
+    diffusers Stable Diffusion pipeline folder (:mod:`difflab.interop.pipeline`).
 
     Args:
         run_dir: the folder.
@@ -89,9 +90,19 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None, ema: boo
         device: where to put the network.
     """
     from difflab.components import CONFIG_JSON
+    from difflab.interop.diffusers import diffusers_class
+    from difflab.interop.pipeline import is_pipeline, pipeline_parts
 
     run = Path(run_dir)
+    if is_pipeline(run):  # a diffusers Stable Diffusion folder
+        task, net = pipeline_parts(run, device)
+        return LoadedRun.from_task(task, net, run, 0, True)
     if (run / CONFIG_JSON).is_file():
+        name = diffusers_class(run)
+        if name is not None:
+            raise DifflabError(f"{run} is one diffusers component ({name}), not a model to "
+                               "sample: give the pipeline folder holding it (with "
+                               "model_index.json), or convert it with difflab convert")
         return _load_component(run, device)
     if _is_checkpoint_dir(run):
         run, checkpoint = run.parent.parent, run.name

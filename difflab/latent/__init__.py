@@ -10,7 +10,8 @@ the standard deviation of its training latents), estimated from data and saved w
 """
 
 from difflab.latent.autoencoder import AutoencoderKL, AutoencoderKLConfig
-from difflab.latent.codec import Codec, DiagonalGaussian, IdentityCodec, estimate_scale, load_codec
+from difflab.latent.codec import Codec, DiagonalGaussian, IdentityCodec, estimate_scale
+from difflab.latent.loading import load_codec
 from difflab.latent.vq import VQModel, VQModelConfig
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "Codec", "DiagonalGaussian", "IdentityCodec",

@@ -13,9 +13,7 @@ sampling call. ``scale_factor`` and ``shift`` are buffers: they travel with the 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -23,8 +21,7 @@ from torch import Tensor, nn
 from difflab.components import Family, register_family
 from difflab.errors import DifflabError
 
-__all__ = ["Codec", "DiagonalGaussian", "IdentityCodec", "IdentityConfig", "estimate_scale",
-           "load_codec"]
+__all__ = ["Codec", "DiagonalGaussian", "IdentityCodec", "IdentityConfig", "estimate_scale"]
 
 
 class DiagonalGaussian:
@@ -169,24 +166,3 @@ register_family(Family(
 
 
 # ----- loading -----------------------------------------------------------------------------------
-def load_codec(source: str | os.PathLike, device: torch.device | str = "cpu") -> Codec:
-    """A trained codec: a component folder (``difflab export`` of an autoencoder run, or
-    ``difflab.save``), a run folder of the ``autoencoder`` task (its EMA weights), or a
-    checkpoint folder inside one. Frozen: eval mode, no gradients."""
-    from difflab.components import CONFIG_JSON, load
-
-    p = Path(source)
-    if not p.exists():
-        raise DifflabError(f"codec {str(source)!r} does not exist: give an autoencoder run "
-                           "folder (difflab train configs/ae_kl_emoji.toml --out RUN) or a "
-                           "component folder (difflab export RUN OUT)")
-    if (p / CONFIG_JSON).is_file():
-        module = load(p, device)
-    else:
-        from difflab.runs import load_run
-
-        module = load_run(p, device=device).net
-    if not isinstance(module, Codec):
-        raise DifflabError(f"{source} holds a {type(module).__name__}, not a codec: [codec] "
-                           "names a run of task kind 'autoencoder' or an exported codec")
-    return module.to(device).eval().requires_grad_(False)

@@ -44,6 +44,7 @@ logger = logging.getLogger("difflab.text")
 
 DEFAULT_TEXT_ENCODER = "minilm"
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+PADDINGS = ("longest", "max_length")
 
 
 def resolve_encoder_path(name: str) -> str:
@@ -74,17 +75,30 @@ class TextEncoder(nn.Module):
             longer prompts are truncated with a warning.
         device: where the encoder runs.
         allow_download: let ``transformers`` fetch ``name`` from the hub.
+        tokenizer: a folder holding the tokenizer when it is not in ``name``'s (a diffusers
+            pipeline keeps ``text_encoder/`` and ``tokenizer/`` apart).
+        padding: ``"longest"`` (pad a batch to its longest prompt) or ``"max_length"`` (every
+            prompt to ``max_length`` tokens, as Stable Diffusion encodes its 77).
+        mask_padding: True: the encoder and the U-Net's cross-attention ignore padding (its
+            embeddings are zero). False: Stable Diffusion's convention, under which its U-Nets
+            were trained: the encoder runs without an attention mask (CLIP's causal mask alone)
+            and every position, padding included, is attended to.
     """
 
     def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_length: int | None = None,
-                 device: torch.device | str = "cpu", allow_download: bool = False) -> None:
+                 device: torch.device | str = "cpu", allow_download: bool = False,
+                 tokenizer: str | None = None, padding: str = "longest",
+                 mask_padding: bool = True) -> None:
         try:
             from transformers import AutoConfig, AutoModel, AutoTokenizer
         except ImportError:  # pragma: no cover - a declared dependency
             raise DifflabError("text conditioning needs the package transformers: "
                                "pip install transformers") from None
         super().__init__()
+        if padding not in PADDINGS:
+            raise bad_value("padding", padding, " or ".join(PADDINGS))
         self.name = str(name)
+        self.padding, self.mask_padding = padding, bool(mask_padding)
         source = resolve_encoder_path(name)
         self.source = source
         local = Path(source).is_dir()
@@ -94,7 +108,7 @@ class TextEncoder(nn.Module):
         kw = {"local_files_only": not allow_download}
         try:
             config = AutoConfig.from_pretrained(source, **kw)
-            self.tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or source, **kw)
             model = AutoModel.from_pretrained(source, **kw)
         except (OSError, ValueError) as e:
             raise DifflabError(
@@ -124,7 +138,10 @@ class TextEncoder(nn.Module):
 
     def identity(self) -> str:
         """What the embeddings depend on (for cache keys)."""
-        return f"{self.name}|{type(self.model).__name__}|{self.dim}|{self.max_length}"
+        out = f"{self.name}|{type(self.model).__name__}|{self.dim}|{self.max_length}"
+        if self.padding != "longest" or not self.mask_padding:
+            out += f"|{self.padding}|mask={self.mask_padding}"
+        return out
 
     def tokenize(self, prompts: Sequence[str], pad_to: int | None = None) -> dict[str, Tensor]:
         return self._tokenize(self.tokenizer, prompts, pad_to)
@@ -137,6 +154,8 @@ class TextEncoder(nn.Module):
             if n > self.max_length:
                 warnings.warn(f"prompt of {n} tokens truncated to the text encoder's limit of "
                               f"{self.max_length}: {p[:60]!r}...", stacklevel=3)
+        if self.padding == "max_length":
+            pad_to = self.max_length
         kw = ({"padding": "max_length", "max_length": pad_to} if pad_to
               else {"padding": "longest", "max_length": self.max_length})
         return tokenizer(list(prompts), truncation=True, return_tensors="pt", **kw)
@@ -239,15 +258,21 @@ class TextEncoder(nn.Module):
                                                                       table.weight.dtype)
         replace = stacked[slot.clamp_min(0)]
         if "inputs_embeds" in inspect.signature(self.model.forward).parameters:
+            if not self.mask_padding:
+                batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
             embeds = torch.where(is_ph, replace, table(safe))
             out = self.model(inputs_embeds=embeds, **batch).last_hidden_state
         else:  # e.g. CLIPTextModel, whose forward needs input_ids: override the lookup itself
+            mask = batch.pop("attention_mask")
+            kw = {"attention_mask": mask} if self.mask_padding else {}
             handle = table.register_forward_hook(lambda m, a, o: torch.where(is_ph, replace, o))
             try:
-                out = self.model(input_ids=safe, **batch).last_hidden_state
+                out = self.model(input_ids=safe, **batch, **kw).last_hidden_state
             finally:
                 handle.remove()
-        return out, batch["attention_mask"].bool()
+            batch["attention_mask"] = mask
+        mask = batch["attention_mask"].bool()
+        return out, mask if self.mask_padding else torch.ones_like(mask)
 
     def encode(self, prompts: Sequence[str], pad_to: int | None = None, *, grad: bool = False,
                token_embeddings: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -271,8 +296,11 @@ class TextEncoder(nn.Module):
             else:
                 batch = {k: v.to(self.device)
                          for k, v in self._tokenize(self.tokenizer, prompts, pad_to).items()}
-                out = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].bool()
+                if not self.mask_padding:  # SD: no attention mask, every position attended
+                    batch.pop("attention_mask")
+                    mask = torch.ones_like(mask)
+                out = self.model(**batch).last_hidden_state
             # zero at padding, so an encoding does not depend on how far it was padded
             return out.float() * mask.unsqueeze(-1), mask
 
@@ -304,16 +332,24 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
     return out
 
 
-_ENCODERS: dict[tuple[str, int | None, str], TextEncoder] = {}
+_ENCODERS: dict[tuple, TextEncoder] = {}
 
 
 def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, max_length: int | None = None,
-                      device: torch.device | str = "cpu") -> TextEncoder:
-    """A :class:`TextEncoder`, loaded once per process and reused."""
-    key = (str(name), max_length, str(device))
+                      device: torch.device | str = "cpu", **options) -> TextEncoder:
+    """A :class:`TextEncoder`, loaded once per process and reused (``options``: its
+    ``tokenizer``, ``padding``, ``mask_padding``)."""
+    key = (str(name), max_length, str(device), tuple(sorted(options.items())))
     if key not in _ENCODERS:
-        _ENCODERS[key] = TextEncoder(name, max_length, device)
+        _ENCODERS[key] = TextEncoder(name, max_length, device, **options)
     return _ENCODERS[key]
+
+
+def text_encoder_of(config: TextEncoderConfig, device: torch.device | str = "cpu"
+                    ) -> TextEncoder:
+    """The (shared) :class:`TextEncoder` of a ``[text_encoder]`` config."""
+    return load_text_encoder(config.name, config.max_length, device, tokenizer=config.tokenizer,
+                             padding=config.padding, mask_padding=config.mask_padding)
 
 
 class CaptionEmbeddings:
@@ -450,20 +486,32 @@ class TextEncoderConfig:
             ``transformers`` model and tokenizer, or a hub name already cached (never
             downloaded).
         max_length: token limit (None: the encoder's own).
+        tokenizer: the tokenizer's folder when it is not ``name``'s (None: ``name``'s).
+        padding: ``longest`` or ``max_length`` (Stable Diffusion: always 77 tokens).
+        mask_padding: ignore padding in cross-attention (False: Stable Diffusion's convention,
+            every position attended; see :class:`TextEncoder`).
     """
 
     name: str = DEFAULT_TEXT_ENCODER
     max_length: int | None = None
+    tokenizer: str | None = None
+    padding: str = "longest"
+    mask_padding: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise bad_value("name", self.name, "'minilm' or the path of a transformers model")
         if self.max_length is not None and self.max_length < 2:
             raise bad_value("max_length", self.max_length, "None or an int >= 2")
+        if self.padding not in PADDINGS:
+            raise bad_value("padding", self.padding, " or ".join(PADDINGS))
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str)
+                                           or not self.tokenizer.strip()):
+            raise bad_value("tokenizer", self.tokenizer, "None or a tokenizer folder")
 
 
 def _build_text_encoder(config: TextEncoderConfig) -> TextEncoder:
-    return load_text_encoder(config.name, config.max_length)
+    return text_encoder_of(config)
 
 
 FAMILY = register_family(Family(

@@ -105,12 +105,18 @@ def karras(path: GaussianPath, steps: int, rho: float = 7.0, t_start=None, t_end
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-def discrete(path: GaussianPath, steps: int, spacing: str = "leading", to_zero=True):
+def discrete(path: GaussianPath, steps: int, spacing: str = "leading", to_zero=True,
+             steps_offset: int = 0, final: str = "zero"):
     """A subset of a discrete path's own steps (DDIM respacing; Lin et al. 2024, Table 2).
 
     ``leading``: ``0, k, 2k, ...`` with ``k = N // steps`` (DDIM's original code);
     ``trailing``: ``N-1, N-1-N/steps, ...`` (starts at the last step: zero terminal SNR fix);
     ``linspace``: ``round(linspace(0, N-1, steps))``.
+
+    ``steps_offset`` shifts every step up (Stable Diffusion's schedulers use 1 with
+    ``leading``: ``981, 961, ..., 1`` for 50 steps). ``final``: where the last step lands:
+    ``"zero"`` (t = 0, alpha = 1: clean data) or ``"first"`` (the path's first step,
+    ``alpha_bar_0``: diffusers' ``set_alpha_to_one=False``, as SD's DDIM and PNDM configs set).
     """
     _check_steps(steps)
     if not isinstance(path, DiscreteVP):
@@ -118,6 +124,8 @@ def discrete(path: GaussianPath, steps: int, spacing: str = "leading", to_zero=T
             f"timesteps.discrete needs a discrete path (VP.discrete*), got {path!r}: "
             "use uniform, log_snr or karras for continuous paths"
         )
+    if final not in FINALS:
+        raise bad_value("final", final, " or ".join(FINALS))
     N = path.N
     if steps > N:
         raise bad_value("steps", steps, f"at most the path's {N} steps")
@@ -129,8 +137,20 @@ def discrete(path: GaussianPath, steps: int, spacing: str = "leading", to_zero=T
         idx = torch.round(torch.linspace(0, N - 1, steps, dtype=torch.float64))
     else:
         raise bad_value("spacing", spacing, "one of " + ", ".join(SPACINGS))
-    idx = torch.sort(idx, descending=True).values
-    return _finish(path, (idx + 1) / N, to_zero)
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+        raise bad_value("steps_offset", steps_offset, "an int >= 0")
+    idx = torch.sort(idx, descending=True).values + steps_offset
+    if float(idx[0]) > N - 1:
+        raise bad_value("steps_offset", steps_offset, f"an offset that keeps the first step "
+                        f"within the path's {N} steps (it reaches {int(idx[0])})")
+    t = (idx + 1) / N
+    if final == "first" and to_zero:
+        return torch.unique_consecutive(torch.cat([_finish(path, t, False),
+                                                   t.new_tensor([1.0 / N])]))
+    return _finish(path, t, to_zero)
+
+
+FINALS = ("zero", "first")
 
 
 def grid_from(grid: torch.Tensor, t0: float) -> torch.Tensor:

@@ -150,10 +150,9 @@ class TrainingTask:
         return None if self.text_config is None else self.conditioner_encoder().dim
 
     def conditioner_encoder(self):
-        from difflab.networks.text import load_text_encoder
+        from difflab.networks.text import text_encoder_of
 
-        c = self.text_config
-        return load_text_encoder(c.name, c.max_length)
+        return text_encoder_of(self.text_config)
 
     def data_spec(self) -> DataSpec:
         """What the data (and the text encoder) decide about the network."""

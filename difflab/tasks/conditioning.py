@@ -73,10 +73,9 @@ class Conditioner:
     @property
     def encoder(self):
         if self._encoder is None:
-            from difflab.networks.text import TextEncoderConfig, load_text_encoder
+            from difflab.networks.text import TextEncoderConfig, text_encoder_of
 
-            c = self.text_config or TextEncoderConfig()
-            self._encoder = load_text_encoder(c.name, c.max_length)
+            self._encoder = text_encoder_of(self.text_config or TextEncoderConfig())
         return self._encoder
 
     @property

@@ -63,6 +63,13 @@ class DiffusionTask(TrainingTask):
         if cfg.codec is not None:
             self.codec, self.codec_source = _load_codec(cfg.codec, kwargs.get("device", "cpu"))
         super().__init__(cfg, *args, **kwargs)
+        if self.codec is not None and self.family.input_shape is not None:
+            channels = self.sample_shape[0]
+            if channels != self.codec.latent_channels:
+                raise DifflabError(
+                    f"the codec {str(self.codec_source)!r} has {self.codec.latent_channels} "
+                    f"latent channels but the {self.family.name} samples {channels}-channel "
+                    "latents: pair the network with the codec it was trained on")
         if self.codec is not None:
             self.cfg = self.cfg.model_copy(update={"codec": self.cfg.codec.model_copy(
                 update={"run": str(self.codec_source)})})
@@ -132,7 +139,7 @@ def _load_codec(section, device):
     """The frozen codec of ``[codec]`` and the folder its weights come from: a run folder
     resolves to its newest checkpoint that verifies, so the run records exactly which weights
     it was trained on (and a codec run that trains on is noticed on resume)."""
-    from difflab.latent.codec import load_codec
+    from difflab.latent.loading import load_codec
     from difflab.runs import CONFIG_FILE, _is_checkpoint_dir, _pick_checkpoint
 
     p = Path(section.run).expanduser()

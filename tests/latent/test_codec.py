@@ -12,7 +12,7 @@ import difflab
 from difflab.errors import DifflabError
 from difflab.latent import AutoencoderKL, DiagonalGaussian, IdentityCodec, estimate_scale
 from difflab.latent.autoencoder import AutoencoderKLConfig
-from difflab.latent.codec import load_codec
+from difflab.latent.loading import load_codec
 
 
 def test_diagonal_gaussian_kl_matches_torch_distributions():

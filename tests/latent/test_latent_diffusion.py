@@ -65,12 +65,14 @@ def test_a_latent_run_trains_on_latents_and_samples_decoded_images(codec_run, tm
     frozen = json.loads((plain.checkpoint / "manifest.json").read_text())["frozen"]
     assert frozen["codec"]["source"] == str(ckpt.resolve())
     assert not any("codec" in p.name for p in plain.checkpoint.iterdir())
-    # posterior moments encoded once give the same draws as encoding every batch
+    # posterior moments encoded once give the same draws as encoding every batch: the weights
+    # after 4 Adam steps agree to float rounding (one Adam step moves a weight by ~lr = 2e-4;
+    # the encoder's batch-size-dependent rounding reaches 1e-6)
     (cache_file,) = (tmp_path / "cache" / "latents").iterdir()
     for f in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(str(plain.checkpoint / f)), load_file(str(cached.checkpoint / f))
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     # a second run reads the cache instead of encoding again
     import difflab.latent.data as ld
 

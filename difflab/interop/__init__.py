@@ -1,0 +1,28 @@
+"""Other libraries' checkpoint layouts in and out of difflab (diffusers' component folders)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def load(path: str | os.PathLike, device: Any = "cpu") -> Any:
+    """``difflab.load``: a difflab component folder (:func:`difflab.components.load`), a
+    diffusers ``UNet2DConditionModel`` / ``AutoencoderKL`` folder converted to difflab's
+    layout (:func:`difflab.interop.diffusers.load_diffusers`), or a diffusers Stable Diffusion
+    pipeline folder as a :class:`difflab.runs.LoadedRun` ready to sample
+    (:func:`difflab.runs.load_run`)."""
+    from difflab.components import load as load_component
+    from difflab.interop.diffusers import diffusers_class, load_diffusers
+    from difflab.interop.pipeline import is_pipeline
+
+    if is_pipeline(path):
+        from difflab.runs import load_run
+
+        return load_run(path, device=device)
+    if diffusers_class(path) is not None:
+        return load_diffusers(path, device)
+    return load_component(path, device)
+
+
+__all__ = ["load"]
