@@ -94,3 +94,14 @@ def output_folder(flag: str, value: str | None) -> Path | None:
 
 def _suffix_hint(suffixes: tuple[str, ...]) -> str:
     return f" (e.g. samples{suffixes[0]})" if suffixes else ""
+
+
+def existing_folder(flag: str):
+    """An argparse type: a folder that exists."""
+    def check(text: str) -> str:
+        if not Path(text).is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+        return text
+
+    check.__name__ = flag
+    return check

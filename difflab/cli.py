@@ -25,6 +25,7 @@ from pathlib import Path
 from difflab.argtypes import (
     count_from_zero,
     device_name,
+    existing_folder,
     fraction,
     output_file,
     output_folder,
@@ -210,7 +211,28 @@ def register_sample(sub: argparse._SubParsersAction) -> None:
                    help="progress bar (default: only when stderr is a terminal)")
     p.add_argument("--threads", type=positive_int, help="torch intra-op threads (small models "
                    "on a shared CPU are often fastest with 1)")
+    add_single_file_options(p)
     p.set_defaults(func=cmd_sample)
+
+
+def add_single_file_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Stable Diffusion single files (.safetensors / .ckpt)")
+    g.add_argument("--tokenizer", metavar="DIR", type=existing_folder("--tokenizer"),
+                   help="CLIP's tokenizer files, which a single file lacks (default: a "
+                   "tokenizer/ folder beside the file)")
+    g.add_argument("--sd-config", metavar="PATH", help="a diffusers pipeline folder or the "
+                   "checkpoint's LDM YAML (default: NAME.yaml beside the file; else SD's own "
+                   "settings)")
+    g.add_argument("--prediction", choices=("eps", "v"), help="what the U-Net predicts "
+                   "(default: the config's; SD 1: eps, SD 2: v)")
+
+
+def single_file_options(args: argparse.Namespace) -> dict | None:
+    opts = {"tokenizer": getattr(args, "tokenizer", None),
+            "config": getattr(args, "sd_config", None),
+            "prediction": getattr(args, "prediction", None)}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    return opts or None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -226,7 +248,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     grid_options = dict(_kv(o, "--grid-option") for o in args.grid_options)
     options = dict(_kv(o) for o in args.options)
     _threads(args.threads)
-    run = load_run(args.run, checkpoint=args.checkpoint, ema=args.ema, device=args.device)
+    run = load_run(args.run, checkpoint=args.checkpoint, ema=args.ema, device=args.device,
+                   single_file=single_file_options(args))
     if not run.generative:
         raise DifflabError(not_generative(run, args.run))
     progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -318,18 +341,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "convert", help="convert between difflab and diffusers layouts (U-Net, KL autoencoder)",
+        "convert", help="convert between difflab, diffusers and SD single-file layouts",
         description="A diffusers UNet2DConditionModel or AutoencoderKL folder (config.json + "
         "diffusion_pytorch_model.safetensors) becomes a difflab component folder; a difflab "
         "component folder or run (its EMA network) becomes a diffusers folder that "
         "from_pretrained reads. The direction follows from IN. Unknown or missing weights and "
-        "settings difflab cannot reproduce are named.",
+        "settings difflab cannot reproduce are named. An SD v1 / v2 single file (.safetensors, "
+        ".ckpt) becomes a diffusers pipeline folder, and a pipeline folder a single file.",
         epilog="examples:\n  difflab convert sd/unet unet_difflab\n"
-        "  difflab convert exported/unet unet_diffusers",
+        "  difflab convert exported/unet unet_diffusers\n"
+        "  difflab convert v1-5-pruned.safetensors sd15 --tokenizer clip_tokenizer\n"
+        "  difflab convert sd15 sd15.safetensors",
         formatter_class=HelpFormatter)
     p.add_argument("source", metavar="IN", help="a diffusers component folder, a difflab "
                    "component folder or a run folder")
-    p.add_argument("out", metavar="OUT", help="the folder to write")
+    p.add_argument("out", metavar="OUT", help="the folder to write (a .safetensors file: SD's "
+                   "original single-file layout, from a pipeline folder)")
+    add_single_file_options(p)
     p.set_defaults(func=cmd_convert)
 
 
@@ -338,13 +366,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from difflab.components import save
     from difflab.interop.diffusers import diffusers_class, load_diffusers, save_diffusers
+    from difflab.interop.pipeline import is_pipeline
+    from difflab.interop.single_file import (
+        is_single_file,
+        pipeline_to_single_file,
+        single_file_to_pipeline,
+    )
 
-    src, out = Path(args.source), output_folder("OUT", args.out)
-    if not src.is_dir():
-        raise DifflabError(f"{src} is not a folder (expected a diffusers or difflab component "
-                           "folder, or a run)")
+    src = Path(args.source)
+    if is_pipeline(src) and args.out.lower().endswith(".safetensors"):
+        where = pipeline_to_single_file(src, output_file("OUT", args.out, (".safetensors",)))
+        print(f"wrote {where} (Stable Diffusion's single-file layout)", file=sys.stderr)
+        return 0
+    out = output_folder("OUT", args.out)
     if out.exists() and any(out.iterdir()):
         raise DifflabError(f"{out} is not empty: choose a new folder")
+    if is_single_file(src):
+        where = single_file_to_pipeline(src, out, **(single_file_options(args) or {}))
+        print(f"wrote {where} (a diffusers pipeline folder; difflab sample {where} --prompt ...)",
+              file=sys.stderr)
+        return 0
+    if not src.is_dir():
+        raise DifflabError(f"{src} is not a folder or an SD single file (expected a diffusers or "
+                           "difflab component folder, a pipeline folder, a run, or a "
+                           ".safetensors / .ckpt checkpoint)")
+    if is_pipeline(src):
+        raise DifflabError(f"{src} is a pipeline folder: write it as one file with OUT ending in "
+                           ".safetensors, or convert its unet/ or vae/ folder")
     name = diffusers_class(src)
     if name is not None:
         module = load_diffusers(src)
@@ -485,11 +533,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a message is logged (a plain
+    StreamHandler keeps the stream of its creation, which may since have been closed)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     """difflab's own log messages (resume, fallbacks) as ``difflab: ...`` lines on stderr."""
     log = logging.getLogger("difflab")
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("difflab: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -78,7 +78,7 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None, ema: bool = True,
-             device: torch.device | str = "cpu") -> LoadedRun:
+             device: torch.device | str = "cpu", single_file: dict | None = None) -> LoadedRun:
     """Load a run folder's ``config.toml`` and a checkpoint (default: the latest that
     verifies), a checkpoint folder inside a run, a component folder of ``difflab export``, or a
     diffusers Stable Diffusion pipeline folder (:mod:`difflab.interop.pipeline`).
@@ -88,15 +88,32 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None, ema: boo
         checkpoint: ``step_N`` (None: latest; a corrupt latest falls back with a warning).
         ema: load the EMA weights (else the raw trained weights).
         device: where to put the network.
+        single_file: for an SD single-file checkpoint (``.safetensors`` / ``.ckpt``): its
+            ``tokenizer`` folder (default: a ``tokenizer/`` beside the file), ``config`` (a
+            pipeline folder or the LDM YAML; default: ``NAME.yaml`` beside it) and
+            ``prediction`` (:mod:`difflab.interop.single_file`).
     """
     from difflab.components import CONFIG_JSON
     from difflab.interop.diffusers import diffusers_class
     from difflab.interop.pipeline import is_pipeline, pipeline_parts
+    from difflab.interop.single_file import cached_pipeline, is_single_file
 
     run = Path(run_dir)
+    if is_single_file(run):  # SD's original layout: converted once, then read as a pipeline
+        opts = {k: v for k, v in (single_file or {}).items() if v is not None}
+        if "tokenizer" not in opts and (run.parent / "tokenizer").is_dir():
+            opts["tokenizer"] = run.parent / "tokenizer"
+        task, net = pipeline_parts(cached_pipeline(run, **opts), device)
+        return LoadedRun.from_task(task, net, run, 0, True)
+    if single_file:
+        raise DifflabError(f"{run}: single-file options ({', '.join(single_file)}) apply to a "
+                           ".safetensors / .ckpt Stable Diffusion file")
     if is_pipeline(run):  # a diffusers Stable Diffusion folder
         task, net = pipeline_parts(run, device)
         return LoadedRun.from_task(task, net, run, 0, True)
+    if run.is_file():
+        raise DifflabError(f"{run} is a file: give a run folder, a component or pipeline folder, "
+                           "or an SD single-file checkpoint (.safetensors, .ckpt)")
     if (run / CONFIG_JSON).is_file():
         name = diffusers_class(run)
         if name is not None:

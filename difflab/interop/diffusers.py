@@ -183,20 +183,34 @@ def vae_config_from_diffusers(cfg: dict):
                                                                       or 0.0)
 
 
+def check_vae_state(module: torch.nn.Module, state: dict) -> None:
+    """Name the weights a difflab KL autoencoder lacks or does not know."""
+    want = set(module.state_dict()) - {"scale_factor", "shift"}
+    missing, unknown = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or unknown:
+        raise DifflabError("the VAE weights do not match their config: "
+                           + "; ".join(f"{what} {len(keys)}: {', '.join(keys[:8])}"
+                                       + (" ..." if len(keys) > 8 else "")
+                                       for what, keys in (("missing", missing),
+                                                          ("unexpected", unknown)) if keys))
+
+
+def vae_from_config(cfg: dict) -> torch.nn.Module:
+    """difflab's (freshly initialised) KL autoencoder of a diffusers ``AutoencoderKL`` config."""
+    config, _, _ = vae_config_from_diffusers(cfg)
+    return _build("autoencoder_kl", config)
+
+
 def _load_vae(cfg: dict, state: dict, d: Path) -> torch.nn.Module:
     try:
         config, scale, shift = vae_config_from_diffusers(cfg)
     except DifflabError as e:
         raise DifflabError(f"{d}: {e}") from None
     module = _build("autoencoder_kl", config)
-    want = set(module.state_dict()) - {"scale_factor", "shift"}
-    missing, unknown = sorted(want - set(state)), sorted(set(state) - want)
-    if missing or unknown:
-        raise DifflabError(f"{d}: the VAE weights do not match their config.json: "
-                           + "; ".join(f"{what} {len(keys)}: {', '.join(keys[:8])}"
-                                       + (" ..." if len(keys) > 8 else "")
-                                       for what, keys in (("missing", missing),
-                                                          ("unexpected", unknown)) if keys))
+    try:
+        check_vae_state(module, state)
+    except DifflabError as e:
+        raise DifflabError(f"{d}: {e}") from None
     _check_shapes(module, state, d, "VAE")
     module.load_state_dict({**state, "scale_factor": torch.tensor(scale),
                             "shift": torch.tensor(shift)}, strict=True)

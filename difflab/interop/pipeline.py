@@ -76,16 +76,18 @@ def scheduler_settings(cfg: dict[str, Any]) -> tuple[dict, str, dict]:
     if schedule not in _BETAS:
         raise DifflabError(f"scheduler beta_schedule={schedule!r}: difflab reads "
                            f"{', '.join(_BETAS)}")
-    if cfg.get("trained_betas") is not None:
-        raise DifflabError("scheduler trained_betas: give the betas as a difflab path "
-                           "(path.kind='discrete', path.betas=[...]) instead")
     pred = cfg.get("prediction_type", "epsilon")
     if pred not in _PREDICTIONS:
         raise DifflabError(f"scheduler prediction_type={pred!r}: difflab reads "
                            f"{', '.join(_PREDICTIONS)}")
     path: dict[str, Any] = {"kind": _BETAS[schedule],
                             "N": int(cfg.get("num_train_timesteps", 1000))}
-    if schedule != "squaredcos_cap_v2":
+    betas = cfg.get("trained_betas")
+    if betas is not None:  # the betas themselves (a single file's own schedule buffer)
+        if not isinstance(betas, list) or not all(isinstance(b, int | float) for b in betas):
+            raise DifflabError("scheduler trained_betas must be a list of numbers")
+        path = {"kind": "discrete", "betas": [float(b) for b in betas]}
+    elif schedule != "squaredcos_cap_v2":
         path.update(beta_start=float(cfg.get("beta_start", 0.0001)),
                     beta_end=float(cfg.get("beta_end", 0.02)))
     if cfg.get("rescale_betas_zero_snr"):

