@@ -55,9 +55,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     widths = [int(round(w * args.width_scale / 32)) * 32 for w in (320, 640, 1280, 1280)]
-    peer_unet = UNet2DConditionModel(block_out_channels=widths, sample_size=args.latent).eval()
+    peer_unet = UNet2DConditionModel(block_out_channels=widths, sample_size=args.latent,
+                                     cross_attention_dim=768, attention_head_dim=8).eval()
     peer_vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                             latent_channels=4, sample_size=8 * args.latent).eval()
+                             latent_channels=4, sample_size=8 * args.latent,
+                             down_block_types=("DownEncoderBlock2D",) * 4,
+                             up_block_types=("UpDecoderBlock2D",) * 4).eval()
     with tempfile.TemporaryDirectory() as tmp:
         peer_unet.save_pretrained(Path(tmp) / "unet")
         peer_vae.save_pretrained(Path(tmp) / "vae")

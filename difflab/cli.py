@@ -202,6 +202,9 @@ def register_sample(sub: argparse._SubParsersAction) -> None:
                    "for one image per sample; one image is used for all --n samples)")
     p.add_argument("--strength", type=fraction, help="with --init: the fraction of the "
                    "steps to run, in (0, 1] (default 0.8; 1 starts from pure noise)")
+    p.add_argument("--depth", action="append", metavar="FILE", help="for a depth-conditioned "
+                   "model: a depth map, an image of inverse depth (brighter is nearer) or a .npy "
+                   "of depths (repeat for one map per sample)")
     p.add_argument("--batch-size", type=positive_int, help="samples per network batch")
     p.add_argument("--nrow", type=positive_int, help="images per grid row (default: "
                    "ceil(sqrt(n)))")
@@ -258,7 +261,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         options=options, guidance=args.guidance, labels=args.label, prompts=args.prompt,
         negative_prompt=args.negative_prompt, seed=args.seed, n=args.n,
         batch_size=args.batch_size, clip_x0=args.clip_x0, device=args.device,
-        progress=progress or None, init=args.init, strength=args.strength)
+        progress=progress or None, init=args.init, strength=args.strength, depth=args.depth)
     out = generate(request)
     x, n, st = out.images.clamp(-1, 1), out.images.shape[0], out.metadata
     if out_file is not None:

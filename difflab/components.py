@@ -68,6 +68,7 @@ class DataSpec:
         num_classes: classes the network takes or predicts (None: not class-aware).
         context_dim: width of the text context the network attends to (None: no text).
         text_dim: width of the pooled sentence embeddings (alignment models).
+        concat_channels: channels joined to the network input (a depth map: 1), or None.
     """
 
     image_size: int | None = None
@@ -75,6 +76,7 @@ class DataSpec:
     num_classes: int | None = None
     context_dim: int | None = None
     text_dim: int | None = None
+    concat_channels: int | None = None
 
 
 def image_shape(config: Any) -> tuple[int, ...]:

@@ -142,8 +142,9 @@ class TaskConfig(Section):
     task (``diffusion``, ``classifier``, ``contrastive``). The diffusion task reads the rest:
     ``prediction`` (what the network outputs), ``precond`` / ``sigma_data`` (EDM's input and
     output scalings), ``cond`` (``none``, ``class``: labels with a null class, ``text``:
-    captions through ``[text_encoder]``) and ``p_uncond`` (condition dropout for
-    classifier-free guidance, Ho & Salimans 2022, Alg. 1)."""
+    captions through ``[text_encoder]``), ``p_uncond`` (condition dropout for
+    classifier-free guidance, Ho & Salimans 2022, Alg. 1) and ``concat`` (``depth``: the data's
+    depth maps joined to the network input, as SD 2's depth model takes them)."""
 
     kind: str = "diffusion"
     prediction: Literal["eps", "x0", "v", "score", "velocity"] = "eps"
@@ -151,6 +152,7 @@ class TaskConfig(Section):
     sigma_data: float = Field(default=0.5, gt=0)
     cond: Literal["none", "class", "text"] = "none"
     p_uncond: float = Field(default=0.0, ge=0, lt=1)
+    concat: Literal["none", "depth"] = "none"
 
     @model_validator(mode="after")
     def _check_kind(self) -> TaskConfig:
@@ -232,8 +234,10 @@ def dataset_options(name: str) -> list[str]:
     key = str(name).lower().replace("-", "_")
     if key not in DATASETS:
         raise ValueError(f"data.name={name!r} is not valid: expected one of {sorted(DATASETS)}")
+    from difflab.data.shapes import Shapes
+
     classes = {"digits": Digits, "mnist": MNIST, "fashion_mnist": FashionMNIST,
-               "folder": ImageFolder, "emoji": ImageFolder, "cifar10": CIFAR10}
+               "folder": ImageFolder, "emoji": ImageFolder, "cifar10": CIFAR10, "shapes": Shapes}
     cls = classes.get(key)
     if cls is None:  # a dataset registered later: accept what its builder accepts
         return [p for p in inspect.signature(DATASETS[key]).parameters

@@ -169,6 +169,10 @@ class SampleRequest:
             to that shape). They are encoded (through the run's codec, its posterior mean),
             noised to the grid time that ``strength`` picks and denoised from there. One image is
             used for every sample; N images give N samples (or must equal ``n``).
+        depth: for a depth-conditioned model (``task.concat = "depth"``, SD 2's depth U-Net):
+            depth maps, a tensor ``(1 or n, 1, H, W)`` of camera-space depths (larger is
+            farther), or image / ``.npy`` files (images: grey levels of inverse depth, brighter
+            is nearer, as MiDaS maps are shown; ``.npy``: depths). One map serves all samples.
         strength: how much of the grid to run from ``init``, in ``(0, 1]`` (default 0.8): the
             last ``int(steps * strength)`` steps, as diffusers' img2img counts them; 1 starts
             from the prior time, so little of ``init`` survives.
@@ -196,6 +200,7 @@ class SampleRequest:
     progress: str | bool | None = None
     init: Any = None
     strength: float | None = None
+    depth: Any = None
 
 
 @dataclass
@@ -288,6 +293,7 @@ def generate(request: SampleRequest) -> Samples:
     n = st["n"]
     cond, null, guide = guidance_inputs(run, n, st["guidance"], request.labels, request.prompts,
                                         request.negative_prompt)
+    cond, null = concat_inputs(run, request.depth, n, cond, null)
     progress = request.progress
     if progress is True:
         progress = f"sampling {st['sampler']}"
@@ -316,6 +322,75 @@ def generate(request: SampleRequest) -> Samples:
     if moments_file is not None:
         meta["moments"] = moments_file
     return Samples(x, seeds, nfe, seconds, meta)
+
+
+def concat_inputs(run: LoadedRun, depth: Any, n: int, cond: Cond | None, null: Cond | None
+                  ) -> tuple[Cond | None, Cond | None]:
+    """Join a depth-conditioned model's depth maps to both guidance branches' conditions."""
+    from dataclasses import replace
+
+    from difflab.tasks.conditioning import depth_condition
+
+    kind = getattr(run.task, "concat_kind", None)
+    if kind is None:
+        if depth is not None:
+            raise DifflabError("depth maps apply to a depth-conditioned model "
+                               "(task.concat='depth'); this one takes none")
+        return cond, null
+    if depth is None:
+        raise DifflabError("this model is depth-conditioned: give depth maps (SampleRequest("
+                           "depth=...), difflab sample --depth FILE)")
+    if isinstance(depth, torch.Tensor):
+        d, inverse = depth.detach(), False
+        if d.ndim == 3:
+            d = d[None]
+    else:
+        d, inverse = _read_depth_files(depth)
+    if d.shape[0] not in (1, n):
+        raise DifflabError(f"{d.shape[0]} depth maps for n={n} samples: give one, or one per "
+                           "sample")
+    c = depth_condition(d, tuple(run.sample_shape[1:]), inverse=inverse)
+    c = c.expand(n, *c.shape[1:]).contiguous()
+    cond = replace(cond or Cond(), concat=c)
+    return cond, (None if null is None else replace(null, concat=c))
+
+
+def _read_depth_files(files: Any) -> tuple[torch.Tensor, bool]:
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    items = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    maps, kinds = [], set()
+    for f in items:
+        p = Path(f)
+        if not p.is_file():
+            raise DifflabError(f"depth map {p} is not a file")
+        if p.suffix.lower() == ".npy":
+            try:
+                a = np.load(p, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise DifflabError(f"depth map {p} cannot be read ({e})") from None
+            kinds.add(False)
+        else:
+            try:
+                with Image.open(p) as im:
+                    a = np.asarray(im.convert("F"), dtype=np.float32) / (
+                        65535.0 if im.mode.startswith("I") else 255.0)
+            except OSError as e:
+                raise DifflabError(f"depth map {p} cannot be read as an image ({e})") from None
+            kinds.add(True)
+        a = np.asarray(a, dtype=np.float32).squeeze()
+        if a.ndim != 2:
+            raise DifflabError(f"depth map {p} has shape {a.shape}; expected (H, W)")
+        maps.append(torch.from_numpy(a.copy())[None])
+    if len(kinds) > 1:
+        raise DifflabError("depth maps mix .npy depths and image files: give one kind")
+    shapes = {tuple(m.shape) for m in maps}
+    if len(shapes) > 1:
+        raise DifflabError(f"depth maps of different sizes {sorted(shapes)}")
+    return torch.stack(maps), kinds.pop()
 
 
 def sampler_inputs(run: LoadedRun, st: dict[str, Any]) -> tuple[dict[str, Any], str | None]:

@@ -39,6 +39,14 @@ def _emoji(root, image_size, split, **kw) -> ImageDataset:
     return Emoji(root or data_home() / "emoji", image_size or 32, split=split, **kw)
 
 
+def _shapes(root, image_size, split, **kw) -> ImageDataset:
+    from difflab.data.shapes import Shapes
+
+    if root is not None:
+        raise bad_value("root", root, "None: shapes are rendered by difflab (no files needed)")
+    return Shapes(split=split, image_size=image_size or 64, **kw)
+
+
 def _cifar10(root, image_size, split, **kw) -> ImageDataset:
     return CIFAR10(root or data_home() / "cifar10", split=split, image_size=image_size or 32, **kw)
 
@@ -50,11 +58,12 @@ DATASETS: dict[str, Callable[..., ImageDataset]] = {
     "folder": _folder,
     "emoji": _emoji,
     "cifar10": _cifar10,
+    "shapes": _shapes,
 }
 """Registry name -> builder ``(root, image_size, split, **kwargs) -> dataset``."""
 
 DEFAULT_IMAGE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "folder": 64, "emoji": 32,
-                      "cifar10": 32}
+                      "cifar10": 32, "shapes": 64}
 
 
 def build_dataset(
@@ -73,6 +82,8 @@ def build_dataset(
       ``skip_corrupt``, ``cache``, ``limit``, ``files``, ``fit``, ``labels_from_folders``...
     - ``emoji``: :class:`Emoji`, root ``$DIFFLAB_DATA/emoji``, size 32; as ``folder``.
     - ``cifar10``: :class:`CIFAR10`, root ``$DIFFLAB_DATA/cifar10``, size 32; ``download``.
+    - ``shapes``: :class:`~difflab.data.shapes.Shapes`, rendered (no root), size 64, with exact
+      depth maps and captions; ``n``, ``n_test``, ``seed``, ``max_shapes``.
 
     ``$DIFFLAB_DATA`` defaults to ``data`` (relative to the working directory). Names are
     case-insensitive and ``-`` counts as ``_`` (``fashion-mnist``). Every dataset also takes

@@ -162,9 +162,14 @@ def vae_config_from_diffusers(cfg: dict):
     if down != {"DownEncoderBlock2D"} or up != {"UpDecoderBlock2D"}:
         problems.append(f"block types {sorted(down | up)} (difflab reads DownEncoderBlock2D / "
                         "UpDecoderBlock2D)")
+    widths = tuple(int(w) for w in cfg.get("block_out_channels", (64,)))
+    n_down = len(cfg.get("down_block_types", ["DownEncoderBlock2D"]))
+    n_up = len(cfg.get("up_block_types", ["UpDecoderBlock2D"]))
+    if not n_down == n_up == len(widths):
+        problems.append(f"{len(widths)} block_out_channels but {n_down} down and {n_up} up "
+                        "block types (difflab needs one of each per width)")
     if problems:
         raise DifflabError("this AutoencoderKL cannot be read as difflab's: " + "; ".join(problems))
-    widths = tuple(int(w) for w in cfg.get("block_out_channels", (64,)))
     factor = 2 ** (len(widths) - 1)
     size = int(cfg.get("sample_size", 32))
     size = size if size % factor == 0 else factor * max(1, size // factor)

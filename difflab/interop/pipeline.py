@@ -44,7 +44,7 @@ from difflab.errors import DifflabError
 
 MODEL_INDEX = "model_index.json"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
-             "StableDiffusionInpaintPipeline")
+             "StableDiffusionDepth2ImgPipeline")
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _BETAS = {"scaled_linear": "discrete_scaled_linear", "linear": "discrete_linear",
           "squaredcos_cap_v2": "discrete_cosine"}
@@ -144,7 +144,8 @@ def pipeline_config(folder: str | os.PathLike) -> tuple[dict[str, Any], Any]:
         "path": path,
         "model": {"arch": "unet", **{k: v for k, v in model.items() if v is not None}},
         "task": {"kind": "diffusion", "prediction": prediction, "cond": "text",
-                 "p_uncond": 0.1},
+                 "p_uncond": 0.1, "concat": "depth" if read.config.concat_channels == 1
+                 else "none"},
         "objective": {"name": "denoising", "target": prediction},
         "text_encoder": {"name": str(d / "text_encoder"), "tokenizer": str(d / "tokenizer"),
                          "padding": "max_length", "mask_padding": False},

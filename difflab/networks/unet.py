@@ -419,6 +419,8 @@ def _from_data(d: DataSpec) -> dict[str, Any]:
         out["image_size"] = d.image_size
     if d.channels is not None:
         out["in_channels"] = out["out_channels"] = d.channels
+    if d.concat_channels is not None:
+        out["concat_channels"] = d.concat_channels
     return out
 
 

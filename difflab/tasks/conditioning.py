@@ -190,3 +190,31 @@ def warn_if_no_unconditional(p_uncond: float, what: str = "classifier-free guida
         warnings.warn(f"{what} was asked of a model trained with task.p_uncond=0: it never saw "
                       "the null condition, so it has no unconditional branch and guidance will "
                       "extrapolate from an untrained output", stacklevel=3)
+
+
+def depth_condition(depth, size: tuple[int, int], inverse: bool = False) -> torch.Tensor:
+    """A depth map as SD 2's depth model takes it (``StableDiffusionDepth2ImgPipeline``):
+    inverse depth (near is high), resized bicubically to the network's input ``size``, and
+    stretched per image to ``[-1, 1]``.
+
+    Args:
+        depth: ``(B, 1, H, W)`` or a list of ``(1, H, W)`` camera-space depths (larger is
+            farther, positive), as :class:`difflab.data.shapes.Shapes` gives them.
+        size: ``(h, w)`` of the network input (the latent's for a latent model).
+        inverse: ``depth`` already holds inverse depth (near is high: MiDaS maps, grey-level
+            depth images); any finite values.
+    """
+    import torch.nn.functional as F
+
+    d = torch.stack(list(depth)) if isinstance(depth, list | tuple) else depth
+    if not isinstance(d, torch.Tensor) or d.ndim != 4 or d.shape[1] != 1:
+        shown = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+        raise bad_value("depth", shown, "depth maps of shape (B, 1, H, W)")
+    d = d.float()
+    if not bool(torch.isfinite(d).all()) or (not inverse and bool((d <= 0).any())):
+        raise DifflabError("depth maps must be finite and positive (camera-space distances)")
+    inv = F.interpolate(d if inverse else 1.0 / d, size=tuple(size), mode="bicubic",
+                        align_corners=False)
+    lo = inv.amin(dim=(1, 2, 3), keepdim=True)
+    hi = inv.amax(dim=(1, 2, 3), keepdim=True)
+    return 2.0 * (inv - lo) / (hi - lo).clamp_min(1e-8) - 1.0

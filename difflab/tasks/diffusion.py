@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from difflab.components import DataSpec
+from difflab.cond import Cond
 from difflab.errors import DifflabError
 from difflab.tasks import register_task
 from difflab.tasks.base import FrozenPart, TrainingTask, content_hash
@@ -20,7 +21,7 @@ class DiffusionTask(TrainingTask):
     (``none`` / ``class`` / ``text``) and ``p_uncond``."""
 
     kind = "diffusion"
-    options = ("prediction", "precond", "sigma_data", "cond", "p_uncond")
+    options = ("prediction", "precond", "sigma_data", "cond", "p_uncond", "concat")
     family_kinds = ("denoiser",)
     objectives = ("denoising", "dsm", "flow_matching", "edm", "hybrid")
     default_objective = "denoising"
@@ -84,9 +85,20 @@ class DiffusionTask(TrainingTask):
                         self.codec, self.codec_hash(), self.dataset, device=self.device)
                 self.latents_cached = True
 
+    @property
+    def concat_kind(self) -> str | None:
+        """What is joined to the network input (``"depth"``), or None."""
+        return None if self.cfg_task.concat == "none" else self.cfg_task.concat
+
     def data_spec(self) -> DataSpec:
         spec = super().data_spec()
         spec = dataclasses.replace(spec, context_dim=self.text_dim())
+        if self.concat_kind == "depth":
+            if getattr(self.dataset, "depths", None) is None:
+                raise DifflabError(f"task.concat='depth' needs depth maps, but dataset "
+                                   f"{self.cfg_data_name!r} has none: use data.name='shapes' "
+                                   "(procedural scenes with their exact depth)")
+            spec = dataclasses.replace(spec, concat_channels=1)
         if self.codec is None:
             return spec
         if spec.channels != self.codec.image_channels:
@@ -116,7 +128,22 @@ class DiffusionTask(TrainingTask):
             self.codec.to(x.device)
             x = latent_batch(self.codec, x, generator, self.cfg.codec.sample_posterior,
                              cached=self.latents_cached)
-        return super().loss(modules, x, cond, generator)
+        if self.concat_kind is None:
+            return super().loss(modules, x, cond, generator)
+        c = self.conditioner.training(cond, generator, self.p_uncond())
+        c = dataclasses.replace(c or Cond(), concat=self.concat_input(cond, x))
+        den = self.wrap(modules["model"], check_finite=False)
+        return self.objective(den, x, c, generator=generator)
+
+    def concat_input(self, batch, x):
+        """The channels joined to the network input for a collated batch (the depth maps,
+        preprocessed as SD 2 does, at the size of ``x``)."""
+        from difflab.tasks.conditioning import depth_condition
+
+        depth = batch.extra.get("depth")
+        if depth is None:
+            raise DifflabError("task.concat='depth' but the batch has no depth maps")
+        return depth_condition(depth, tuple(x.shape[-2:])).to(x.device)
 
     def _no_labels_message(self) -> str:
         return (f"task.cond='class' but dataset {self.cfg_data_name!r} has no labels: set "

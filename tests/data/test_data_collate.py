@@ -41,7 +41,7 @@ def test_dataloader_with_digits():
 
 def test_registry_names_defaults_and_errors(mnist_dir, emoji_dir, monkeypatch):
     assert sorted(DATASETS) == sorted(
-        ["digits", "mnist", "fashion_mnist", "folder", "emoji", "cifar10"])
+        ["digits", "mnist", "fashion_mnist", "folder", "emoji", "cifar10", "shapes"])
     with pytest.raises(ValueError, match="cifar10.*digits.*emoji.*fashion_mnist.*folder.*mnist"):
         build_dataset("imagenet")
     ds = build_dataset("MNIST", root=mnist_dir, split="test")
@@ -55,6 +55,8 @@ def test_registry_names_defaults_and_errors(mnist_dir, emoji_dir, monkeypatch):
         build_dataset("folder")
     with pytest.raises(ValueError, match="no files needed"):
         build_dataset("digits", root="somewhere")
+    with pytest.raises(ValueError, match="rendered by difflab"):
+        build_dataset("shapes", root="somewhere")
     with pytest.raises(ValueError, match="unexpected keyword argument 'colour'"):
         build_dataset("digits", colour=True)
     monkeypatch.setenv("DIFFLAB_DATA", "/nonexistent-difflab-data")
