@@ -55,6 +55,8 @@ BUILTIN_MODULES = (
     "difflab.latent.codec",
     "difflab.latent.autoencoder",
     "difflab.latent.vq",
+    "difflab.baselines.vae",
+    "difflab.baselines.dcgan",
 )
 
 

@@ -280,6 +280,8 @@ def generate(request: SampleRequest) -> Samples:
     if not run.generative:
         raise DifflabError(not_generative(run, request.model if isinstance(
             request.model, (str, os.PathLike)) else "RUN"))
+    if one_pass(run):  # a VAE / GAN baseline: one network pass, no sampler
+        return _one_pass(run, request)
     st = resolve_settings(run, request)
     if st["clip_x0"] and run.codec is not None:
         raise DifflabError("clip_x0 clips to the [-1, 1] range of pixels, but this run samples "
@@ -322,6 +324,48 @@ def generate(request: SampleRequest) -> Samples:
     if moments_file is not None:
         meta["moments"] = moments_file
     return Samples(x, seeds, nfe, seconds, meta)
+
+
+ONE_PASS = "one_pass"
+
+
+def one_pass(run: LoadedRun) -> bool:
+    """Whether a model draws an image in one network pass (the VAE and GAN baselines), with
+    no sampler, grid or guidance."""
+    return hasattr(run.task, "draw_images")
+
+
+def _one_pass(run: LoadedRun, request: SampleRequest) -> Samples:
+    """Samples of a model that draws in one network pass (the VAE and GAN baselines)."""
+    s = run.config.sample
+    st = {"n": request.n if request.n is not None else s.n,
+          "seed": request.seed if request.seed is not None else s.seed,
+          "batch_size": request.batch_size if request.batch_size is not None else s.batch_size}
+    for key in ("n", "batch_size"):
+        if not isinstance(st[key], int) or isinstance(st[key], bool) or st[key] < 1:
+            raise bad_value(key, st[key], "a positive int")
+    if not isinstance(st["seed"], int) or st["seed"] < 0:
+        raise bad_value("seed", st["seed"], "an int >= 0")
+    if request.sampler not in (None, ONE_PASS) or request.steps not in (None, 1):
+        raise DifflabError(f"a task.kind={run.config.task.kind!r} model draws an image in one "
+                           "pass: it takes no sampler or steps")
+    guidance = request.guidance
+    if guidance == "none" or getattr(guidance, "kind", None) == "none":
+        guidance = None
+    given = [name for name, v in (("guidance", guidance), ("labels", request.labels),
+                                  ("prompts", request.prompts), ("init", request.init),
+                                  ("depth", request.depth), ("hooks", request.hooks))
+             if v is not None]
+    if given:
+        raise DifflabError(f"{', '.join(given)} do not apply to a task.kind="
+                           f"{run.config.task.kind!r} model, which draws an image in one pass")
+    seeds = sample_seeds(st["seed"], st["n"])
+    start = time.perf_counter()
+    x = run.task.draw_images(run.net, seeds, st["batch_size"], request.device)
+    meta = {"n": st["n"], "seed": st["seed"], "batch_size": st["batch_size"],
+            "checkpoint": None if run.checkpoint is None else str(run.checkpoint),
+            "step": run.step, "ema": run.ema, "sampler": ONE_PASS, "steps": 1}
+    return Samples(x, seeds, 1, time.perf_counter() - start, meta)
 
 
 def concat_inputs(run: LoadedRun, depth: Any, n: int, cond: Cond | None, null: Cond | None

@@ -67,7 +67,7 @@ def test_path_parameter_of_another_kind_is_rejected_with_the_kinds_parameters():
     ("train.adam_betas=[0.9, 1.5]", "train.adam_betas", "[0, 1)"),
     ("task.prediction='noise'", "task.prediction", "'eps'"),
     ("task.cond='label'", "task.cond", "'class'"),
-    ("task.kind='gan'", "task.kind", "diffusion"),
+    ("task.kind='banana'", "task.kind", "diffusion"),
     ("model.dropout=1.0", "model.dropout", "family 'unet'"),
     ("model.num_res_blocks='two'", "model.num_res_blocks", "valid integer"),
     ("model.preset='huge'", "model.preset", "tiny"),

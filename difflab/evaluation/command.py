@@ -149,8 +149,10 @@ def request_for(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: i
     """The :class:`~difflab.sampling.SampleRequest` of one setting: class-conditional runs
     cycle through the classes, text runs through the configured prompts; the run's own
     sampler keeps its ``sample.options`` and grid, as in ``difflab sample``."""
-    from difflab.sampling import SampleRequest
+    from difflab.sampling import SampleRequest, one_pass
 
+    if one_pass(run.loaded):
+        return SampleRequest(run.loaded, n=n, seed=seed, batch_size=batch_size)
     return SampleRequest(run.loaded, sampler=setting.sampler, steps=setting.steps,
                          grid=setting.grid, guidance=setting.spec or "none", n=n, seed=seed,
                          batch_size=batch_size, clip_x0=clip_x0,
@@ -159,8 +161,10 @@ def request_for(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: i
 
 def sampling_options(run: EvalRun, setting: Setting) -> tuple[dict, str, dict]:
     """``(options, grid, grid_options)`` the request of a setting resolves to."""
-    from difflab.sampling import resolve_settings
+    from difflab.sampling import one_pass, resolve_settings
 
+    if one_pass(run.loaded):
+        return {}, "none", {}
     st = resolve_settings(run.loaded, request_for(run, setting, 1, 0, 1))
     return st["options"], st["grid"], st["grid_options"]
 
@@ -309,6 +313,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     ``--metrics nll`` alone draws no samples and its report has only the likelihood."""
     from difflab.builders import build_dataset
     from difflab.likelihood import VLB_VARIANCES
+    from difflab.sampling import ONE_PASS, one_pass
 
     samplers, guidances = parse_samplers(args.samplers), parse_guidance(args.guidance)
     metrics = parse_metrics(args.metrics)
@@ -322,6 +327,8 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     feature_metrics = [m for m in metrics if m != "nll"]
     output_folder("--out", args.out)
     run = load_run(args.run, args.checkpoint)
+    if one_pass(run.loaded):  # a VAE / GAN: one setting, no sampler or guidance
+        samplers, guidances = [(ONE_PASS, 1, None)], [None]
     out_dir = Path(args.out) if args.out else run.run_dir / "eval"
     data = build_dataset(run.config)
     report: dict = {"run": str(run.run_dir), "step": run.step, "notes": []}

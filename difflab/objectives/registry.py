@@ -12,6 +12,7 @@ from collections.abc import Callable
 from difflab.errors import DifflabError, bad_value
 from difflab.objectives.autoencoder import _autoencoder
 from difflab.objectives.base import Objective
+from difflab.objectives.baselines import _elbo, _gan
 from difflab.objectives.classifier import _classifier
 from difflab.objectives.contrastive import _contrastive
 from difflab.objectives.denoising import DenoisingLoss, dsm_loss, edm_loss, flow_matching_loss
@@ -61,6 +62,8 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "classifier": _classifier,
     "contrastive": _contrastive,
     "autoencoder": _autoencoder,
+    "elbo": _elbo,
+    "gan": _gan,
 }
 
 

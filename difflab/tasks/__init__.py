@@ -25,7 +25,8 @@ from difflab.errors import DifflabError
 __all__ = ["TASKS", "get_task", "make_task", "register_task"]
 
 TASKS: dict[str, type] = {}
-_BUILTIN = ("difflab.tasks.diffusion", "difflab.tasks.noisy", "difflab.tasks.autoencoder")
+_BUILTIN = ("difflab.tasks.diffusion", "difflab.tasks.noisy", "difflab.tasks.autoencoder",
+            "difflab.baselines.tasks")
 _LOADED = False
 
 
