@@ -139,7 +139,7 @@ _RES = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "emb_proj", "norm2"
         "conv2": "conv2", "conv_shortcut": "skip"}
 
 
-def _module_pairs(c: UNetConfig) -> list[tuple[str, str, str]]:
+def module_pairs(c: UNetConfig) -> list[tuple[str, str, str]]:
     """``(diffusers prefix, difflab prefix, kind)`` for every block; kind is ``res``,
     ``attn``, ``down``, ``up`` or ``plain``."""
     pairs = [("conv_in", "conv_in", "plain"), ("time_embedding.linear_1", "time_embed.linear_1",
@@ -201,7 +201,7 @@ def _convert(state: dict[str, torch.Tensor], read: DiffusersUNet, take
              ) -> dict[str, torch.Tensor]:
     c = read.config
     out: dict[str, torch.Tensor] = {}
-    for src, dst, kind in _module_pairs(c):
+    for src, dst, kind in module_pairs(c):
         if kind == "plain":
             for p in ("weight", "bias"):
                 out[f"{dst}.{p}"] = take(f"{src}.{p}")
@@ -251,7 +251,7 @@ def unet_to_diffusers_state(state: dict[str, torch.Tensor], read: DiffusersUNet
     """The inverse of :func:`unet_from_diffusers_state` (difflab -> diffusers names)."""
     c = read.config
     out: dict[str, torch.Tensor] = {}
-    for src, dst, kind in _module_pairs(c):
+    for src, dst, kind in module_pairs(c):
         if kind == "plain":
             for p in ("weight", "bias"):
                 out[f"{src}.{p}"] = state[f"{dst}.{p}"]

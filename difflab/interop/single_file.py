@@ -87,30 +87,24 @@ _LDM_RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "em
 
 
 def _ldm_prefix(difflab_prefix: str) -> str:
-    """The openaimodel.py prefix of a difflab U-Net block (difflab keeps that block order)."""
+    """The openaimodel.py prefix of a difflab U-Net block: difflab keeps openaimodel's block
+    order (``down.k`` is ``input_blocks.k+1``, block 0 there being ``conv_in``; ``mid.k`` is
+    ``middle_block.k``; ``up.k`` is ``output_blocks.k``)."""
     fixed = {"conv_in": "input_blocks.0.0", "time_embed.linear_1": "time_embed.0",
              "time_embed.linear_2": "time_embed.2", "out_norm": "out.0", "out_conv": "out.2"}
     if difflab_prefix in fixed:
         return fixed[difflab_prefix]
-    head, k, rest = difflab_prefix.split(".", 2)
-    if head == "down":
-        return f"input_blocks.{int(k) + 1}.{rest}"
-    if head == "up":
-        return f"output_blocks.{k}.{rest}"
-    return f"middle_block.{k}" + (f".{rest}" if rest else "")
+    head, k, *rest = difflab_prefix.split(".")
+    base = {"down": f"input_blocks.{int(k) + 1}", "up": f"output_blocks.{k}",
+            "mid": f"middle_block.{k}"}[head]
+    return ".".join([base, *rest])
 
 
 def _unet_pairs(read) -> list[tuple[str, str, str]]:
-    from difflab.interop.diffusers_unet import _module_pairs
+    """``(diffusers prefix, openaimodel prefix, kind)`` for every block."""
+    from difflab.interop.diffusers_unet import module_pairs
 
-    out = []
-    for dp, fp, kind in _module_pairs(read.config):
-        if fp.startswith("mid."):
-            lp = f"middle_block.{fp.split('.')[1]}"
-        else:
-            lp = _ldm_prefix(fp)
-        out.append((dp, lp, kind))
-    return out
+    return [(dp, _ldm_prefix(fp), kind) for dp, fp, kind in module_pairs(read.config)]
 
 
 def unet_ldm_to_diffusers(state: dict[str, torch.Tensor], read) -> tuple[dict, set[str]]:
