@@ -32,8 +32,8 @@ def train_regressor(size: int, steps: int, seed: int = 0, file: Path | None = No
     from difflab.data.shapes import Shapes
 
     net = difflab.build("unet", image_size=size, in_channels=3, out_channels=1,
-                        model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                        attention_resolutions=(), dropout=0.0)
+                        model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attention_resolutions=(), num_head_channels=16, dropout=0.0)
     if file is not None and file.is_file():
         from safetensors.torch import load_file
 
