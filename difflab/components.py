@@ -81,6 +81,17 @@ class DataSpec:
     concat_channels: int | None = None
 
 
+def image_fields(spec: DataSpec) -> dict[str, Any]:
+    """The fields the data decides for an image network that is not conditioned on anything
+    but its input: ``image_size`` and ``in_channels`` (a family's ``resolve``)."""
+    out: dict[str, Any] = {}
+    if spec.image_size is not None:
+        out["image_size"] = spec.image_size
+    if spec.channels is not None:
+        out["in_channels"] = spec.channels
+    return out
+
+
 def image_shape(config: Any) -> tuple[int, ...]:
     """``(in_channels, image_size, ...)`` with ``dims`` (default 2) spatial sides: the input of
     the built-in image families."""

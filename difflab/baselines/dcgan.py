@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from difflab.components import DataSpec, Family, image_shape, register_family
+from difflab.components import Family, image_fields, image_shape, register_family
 from difflab.errors import bad_value
 
 
@@ -97,16 +97,7 @@ class DCGAN(nn.Module):
         return self.generator(z)
 
 
-def _from_data(d: DataSpec) -> dict:
-    out = {}
-    if d.image_size is not None:
-        out["image_size"] = d.image_size
-    if d.channels is not None:
-        out["in_channels"] = d.channels
-    return out
-
-
 FAMILY = register_family(Family(
-    name="dcgan", config=DCGANConfig, build=DCGAN, kind="gan", resolve=_from_data,
+    name="dcgan", config=DCGANConfig, build=DCGAN, kind="gan", resolve=image_fields,
     input_shape=image_shape,
     doc="DCGAN's generator and discriminator (Radford et al. 2016)"))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from difflab.components import DataSpec, Family, image_shape, register_family
+from difflab.components import Family, image_fields, image_shape, register_family
 from difflab.errors import bad_value
 
 
@@ -94,16 +94,7 @@ class GaussianVAE(nn.Module):
         return self.decode(z)
 
 
-def _from_data(d: DataSpec) -> dict:
-    out = {}
-    if d.image_size is not None:
-        out["image_size"] = d.image_size
-    if d.channels is not None:
-        out["in_channels"] = d.channels
-    return out
-
-
 FAMILY = register_family(Family(
-    name="vae", config=VAEConfig, build=GaussianVAE, kind="vae", resolve=_from_data,
+    name="vae", config=VAEConfig, build=GaussianVAE, kind="vae", resolve=image_fields,
     input_shape=image_shape,
     doc="a Gaussian VAE with a calibrated Gaussian decoder (Kingma & Welling 2014)"))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.components import DataSpec, Family, register_family
+from difflab.components import Family, image_fields, register_family
 from difflab.latent.codec import Codec, DiagonalGaussian
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "PRESETS"]
@@ -273,22 +273,13 @@ class AutoencoderKL(Codec):
         return self.decoder.conv_out.weight
 
 
-def _from_data(spec: DataSpec) -> dict:
-    out = {}
-    if spec.channels is not None:
-        out["in_channels"] = spec.channels
-    if spec.image_size is not None:
-        out["image_size"] = spec.image_size
-    return out
-
-
 def _shape(c: AutoencoderKLConfig) -> tuple[int, ...]:
     return (c.in_channels, c.image_size, c.image_size)
 
 
 FAMILY = register_family(Family(
     name="autoencoder_kl", config=AutoencoderKLConfig, build=AutoencoderKL, kind="codec",
-    presets=PRESETS, default_preset="small", resolve=_from_data, input_shape=_shape,
+    presets=PRESETS, default_preset="small", resolve=image_fields, input_shape=_shape,
     doc="LDM's KL autoencoder (SD's VAE layout): the first stage of latent diffusion"))
 
 

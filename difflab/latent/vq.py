@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.components import Family, register_family
-from difflab.latent.autoencoder import AutoencoderKLConfig, Decoder, Encoder, _from_data
+from difflab.components import Family, image_fields, register_family
+from difflab.latent.autoencoder import AutoencoderKLConfig, Decoder, Encoder
 from difflab.latent.codec import Codec, DiagonalGaussian
 
 __all__ = ["VQModel", "VQModelConfig", "VectorQuantizer", "VQOutput"]
@@ -223,5 +223,5 @@ def _shape(c: VQModelConfig) -> tuple[int, ...]:
 
 FAMILY = register_family(Family(
     name="vq", config=VQModelConfig, build=VQModel, kind="codec", presets=PRESETS,
-    default_preset="small", resolve=_from_data, input_shape=_shape,
+    default_preset="small", resolve=image_fields, input_shape=_shape,
     doc="VQGAN's vector-quantised autoencoder (LDM's VQ first stage; diffusers' VQModel layout)"))
