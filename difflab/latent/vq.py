@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -147,8 +148,15 @@ class VectorQuantizer(nn.Module):
     def _ema_update(self, z: Tensor, idx: Tensor) -> None:
         flat = z.permute(0, 2, 3, 1).reshape(-1, self.D)
         onehot = F.one_hot(idx.reshape(-1), self.K).to(flat.dtype)
-        self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
-        self.embed_sum.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+        counts, sums = onehot.sum(0), onehot.t() @ flat
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Data-parallel training: every process adds the statistics of the whole global
+            # batch, so the codebooks stay identical and equal one process's on that batch
+            # (without this, DDP's buffer broadcast keeps only the first process's update).
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.K * self.eps) * n
         self.embedding.weight.copy_(self.embed_sum / smoothed[:, None])

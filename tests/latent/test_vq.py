@@ -149,3 +149,43 @@ def test_a_vq_run_resumes_bit_exactly_and_is_a_latent_codec(tmp_path, ema):
     assert out.images.shape == (2, 1, 8, 8) and torch.isfinite(out.images).all()
     assert math.isfinite(load_file(str(straight.checkpoint / "ema.safetensors"))[
         "scale_factor"].item())
+
+
+def _ema_rank(rank: int, world: int, init_file: str, z: torch.Tensor, out: str) -> None:
+    """One process of a gloo group: quantise its half of the batch with the EMA update."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)
+        q = VectorQuantizer(8, 4, ema=True, decay=0.9).train()
+        for _ in range(3):
+            q(z.chunk(world)[rank])
+        torch.save({k: v.clone() for k, v in q.state_dict().items()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ema_codebook_under_data_parallel_equals_one_process_on_the_global_batch(tmp_path):
+    # Two processes each see half of the batch; the EMA statistics are summed across them,
+    # so both end with the codebook one process reaches on the whole batch.
+    import torch.multiprocessing as mp
+
+    z = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    one = VectorQuantizer(8, 4, ema=True, decay=0.9).train()
+    for _ in range(3):
+        one(z)
+    out = str(tmp_path / "state")
+    mp.spawn(_ema_rank, args=(2, str(tmp_path / "init"), z, out), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        for k, v in one.state_dict().items():
+            torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6, msg=f"{k} rank {rank}")
+    # and the statistics did move (the test can fail): half a batch gives another codebook
+    torch.manual_seed(0)
+    half = VectorQuantizer(8, 4, ema=True, decay=0.9).train()
+    for _ in range(3):
+        half(z.chunk(2)[0])
+    assert not torch.allclose(half.embedding.weight, one.embedding.weight, atol=1e-4)
