@@ -172,9 +172,14 @@ def _vae_key(key: str, rules) -> str:
     return key.replace(".nin_shortcut.", ".conv_shortcut.")
 
 
+def _encoder_levels(state: dict[str, torch.Tensor], block: str) -> int:
+    """How many resolution levels the VAE encoder has (``encoder.<block>.N.`` keys)."""
+    return 1 + max((int(m.group(1)) for k in state
+                    if (m := re.match(rf"encoder\.{block}\.(\d+)\.", k))), default=0)
+
+
 def vae_ldm_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    levels = 1 + max((int(m.group(1)) for k in state
-                      if (m := re.match(r"encoder\.down\.(\d+)\.", k))), default=0)
+    levels = _encoder_levels(state, "down")
     rules = _vae_rules(levels)
     out = {}
     for k, v in state.items():
@@ -186,8 +191,7 @@ def vae_ldm_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def vae_diffusers_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    levels = 1 + max((int(m.group(1)) for k in state
-                      if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))), default=0)
+    levels = _encoder_levels(state, "down_blocks")
     rules = _vae_rules(levels)
     out = {}
     for k, v in state.items():
