@@ -11,6 +11,18 @@ by exponential-moving-average updates of the codebook (VQ-VAE App. A.1): per cod
 ``N_k`` and the sum ``m_k`` of the vectors assigned to it decay by ``ema_decay``, and
 ``e_k = m_k / N_k`` with Laplace smoothing of the counts.
 
+Codebook collapse (most codes never chosen, so never updated) is countered by restarts of dead
+codes (Jukebox's "random restarts for embeddings", Dhariwal et al. 2020; the replacement of
+unused codes in SoundStream, Zeghidour et al. 2021): with ``restart_threshold > 0`` a moving
+average of each code's count per batch is kept (the EMA codebook's ``N_k``; a ``usage`` buffer
+otherwise), and a code whose average falls below the threshold is moved onto an encoder output
+of the current batch. Where Jukebox draws that output at random, difflab picks them by the
+farthest-point rule of greedy k-centre clustering (Gonzalez 1985): the output the codebook
+quantises worst (largest ``||z_e - z_q||``), then the worst once that one is a code, and so on,
+so that restarted codes spread over the badly served data instead of piling into one far
+cluster. It needs no random state, so a resumed run restarts the same codes the same way, and
+under data parallel every process gathers the same global batch and keeps the same codebook.
+
 As LDM does, the *codec's* latent is ``z_e`` before quantisation: the diffusion model learns
 ``z_e``, and :meth:`VQModel.decode` quantises before decoding ("the quantisation layer is
 absorbed by the decoder", LDM Sec. 3). Names follow diffusers' ``VQModel`` (``quantize.
@@ -44,7 +56,9 @@ class VQModelConfig:
         embed_dim: codebook vector width (None: ``latent_channels``).
         beta: the commitment weight (VQ-VAE: 0.25).
         ema: update the codebook by moving averages instead of its loss term.
-        ema_decay: their decay (VQ-VAE: 0.99).
+        ema_decay: their decay (VQ-VAE: 0.99), also that of the usage average.
+        restart_threshold: restart a code whose moving-average count of vectors per (global)
+            batch falls below this (0: never; module docstring).
     """
 
     in_channels: int = 3
@@ -60,6 +74,7 @@ class VQModelConfig:
     beta: float = 0.25
     ema: bool = False
     ema_decay: float = 0.99
+    restart_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         self.backbone()  # the encoder / decoder checks
@@ -71,6 +86,9 @@ class VQModelConfig:
             raise ValueError(f"beta={self.beta}: expected a weight >= 0")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay}: expected a decay in (0, 1)")
+        if not self.restart_threshold >= 0:
+            raise ValueError(f"restart_threshold={self.restart_threshold}: expected a count "
+                             ">= 0 (0 turns restarts off)")
 
     def backbone(self) -> AutoencoderKLConfig:
         return AutoencoderKLConfig(self.in_channels, self.image_size, tuple(self.block_channels),
@@ -107,17 +125,21 @@ class VectorQuantizer(nn.Module):
     """Nearest-neighbour quantisation onto ``embedding.weight`` ``(K, D)`` (module docstring)."""
 
     def __init__(self, num_embeddings: int, dim: int, beta: float = 0.25, ema: bool = False,
-                 decay: float = 0.99, eps: float = 1e-5) -> None:
+                 decay: float = 0.99, eps: float = 1e-5, restart_threshold: float = 0.0) -> None:
         super().__init__()
         self.K, self.D, self.beta = num_embeddings, dim, beta
         self.ema, self.decay, self.eps = ema, decay, eps
+        self.restart_threshold = restart_threshold
         self.embedding = nn.Embedding(num_embeddings, dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
         if ema:
             self.embedding.weight.requires_grad_(False)
             self.register_buffer("cluster_size", torch.zeros(num_embeddings))
             self.register_buffer("embed_sum", self.embedding.weight.detach().clone())
+        elif restart_threshold > 0:  # (the EMA codebook's cluster_size is its usage)
+            self.register_buffer("usage", torch.zeros(num_embeddings))
 
+    @torch.no_grad()
     def codes(self, z: Tensor) -> Tensor:
         """Indices ``(B, h, w)`` of the nearest codes of ``z`` ``(B, D, h, w)``."""
         flat = z.permute(0, 2, 3, 1).reshape(-1, self.D)
@@ -134,22 +156,29 @@ class VectorQuantizer(nn.Module):
         idx = self.codes(z)
         q = self.lookup(idx)
         commit = (z - q.detach()).pow(2).flatten(1).mean(1)
+        updating = self.training and torch.is_grad_enabled()
         if self.ema:
-            if self.training and torch.is_grad_enabled():  # (this batch used the old codes)
+            if updating:  # (this batch used the old codes)
                 q = q.detach().clone()
                 self._ema_update(z.detach(), idx)
             loss = self.beta * commit
         else:
             loss = (z.detach() - q).pow(2).flatten(1).mean(1) + self.beta * commit
         z_q = z + (q - z).detach()  # straight-through
+        if updating and self.restart_threshold > 0:
+            self._restart_dead_codes(z.detach(), q.detach(), idx)
         return VQOutput(z_q, loss, idx)
+
+    @staticmethod
+    def _data_parallel() -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     @torch.no_grad()
     def _ema_update(self, z: Tensor, idx: Tensor) -> None:
         flat = z.permute(0, 2, 3, 1).reshape(-1, self.D)
         onehot = F.one_hot(idx.reshape(-1), self.K).to(flat.dtype)
         counts, sums = onehot.sum(0), onehot.t() @ flat
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self._data_parallel():
             # Data-parallel training: every process adds the statistics of the whole global
             # batch, so the codebooks stay identical and equal one process's on that batch
             # (without this, DDP's buffer broadcast keeps only the first process's update).
@@ -160,6 +189,47 @@ class VectorQuantizer(nn.Module):
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.K * self.eps) * n
         self.embedding.weight.copy_(self.embed_sum / smoothed[:, None])
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, z: Tensor, q: Tensor, idx: Tensor) -> None:
+        """Move the codes whose average usage is below the threshold onto encoder outputs of
+        the batch picked as farthest points (module docstring); ``q`` is the batch's
+        quantisation."""
+        if self.ema:
+            usage = self.cluster_size  # already updated with this batch, summed over processes
+        else:
+            counts = torch.bincount(idx.reshape(-1), minlength=self.K).to(self.usage.dtype)
+            if self._data_parallel():
+                dist.all_reduce(counts)
+            usage = self.usage.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        dead = (usage < self.restart_threshold).nonzero().flatten()
+        if dead.numel() == 0:
+            return
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.D)
+        err = (flat - q.permute(0, 2, 3, 1).reshape(-1, self.D)).pow(2).sum(1)
+        if self._data_parallel():  # every process picks from the same global batch
+            world = dist.get_world_size()
+            flats = [torch.empty_like(flat) for _ in range(world)]
+            errs = [torch.empty_like(err) for _ in range(world)]
+            dist.all_gather(flats, flat.contiguous())
+            dist.all_gather(errs, err.contiguous())
+            flat, err = torch.cat(flats), torch.cat(errs)
+        picks = []
+        for _ in range(dead.numel()):  # greedy farthest points: the worst quantised vector,
+            i = int(err.argmax())      # then the worst once it is a code, and so on
+            if not err[i] > 0:
+                break  # every vector of the batch is already a code
+            picks.append(i)
+            err = torch.minimum(err, (flat - flat[i]).pow(2).sum(1))
+        if not picks:
+            return
+        m = len(picks)
+        cand = flat[torch.tensor(picks, device=flat.device)]
+        codes = dead[:m]
+        self.embedding.weight[codes] = cand.to(self.embedding.weight.dtype)
+        usage[codes] = self.restart_threshold
+        if self.ema:
+            self.embed_sum[codes] = cand * self.restart_threshold
 
 
 class VQModel(Codec):
@@ -176,7 +246,8 @@ class VQModel(Codec):
         self.image_channels = c.in_channels
         self.encoder = Encoder(b, double_z=False)
         self.quant_conv = nn.Conv2d(c.latent_channels, c.dim, 1)
-        self.quantize = VectorQuantizer(c.num_embeddings, c.dim, c.beta, c.ema, c.ema_decay)
+        self.quantize = VectorQuantizer(c.num_embeddings, c.dim, c.beta, c.ema, c.ema_decay,
+                                        restart_threshold=c.restart_threshold)
         self.post_quant_conv = nn.Conv2d(c.dim, c.latent_channels, 1)
         self.decoder = Decoder(b)
 

@@ -77,6 +77,89 @@ def test_ema_codebook_update_follows_the_moving_averages():
     assert torch.equal(before, vq.embedding.weight)
 
 
+@pytest.mark.parametrize("ema", [False, True])
+def test_dead_codes_restart_onto_the_worst_quantised_encoder_outputs(ema):
+    vq = VectorQuantizer(4, 2, ema=ema, decay=0.9, restart_threshold=0.25).train()
+    with torch.no_grad():  # two codes near the data, two far away (never chosen)
+        vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [50.0, 50.0],
+                                                [-50.0, 60.0]]))
+        if ema:
+            vq.embed_sum.copy_(vq.embedding.weight)
+    pts = torch.tensor([[0.1, 0.0], [0.0, -0.2], [0.9, 0.1], [1.0, 0.3], [0.4, 0.6],
+                        [-0.1, 0.1], [1.2, 0.0], [0.0, 0.05]])  # 8 vectors, B = 2, 2x2
+    z = pts.reshape(2, 2, 2, 2).permute(0, 3, 1, 2).contiguous()
+    before = vq.embedding.weight.detach().clone()
+    with torch.enable_grad():
+        out = vq(z)
+    near = torch.cdist(pts, before).argmin(1)
+    assert set(near.tolist()) == {0, 1}
+    err = (pts - before[near]).pow(2).sum(1)
+    worst = err.argsort(descending=True)[:2]  # (0.4, 0.6) then (1.0, 0.3)
+    assert worst.tolist() == [4, 3]
+    w = vq.embedding.weight.detach()
+    torch.testing.assert_close(w[2:], pts[worst])
+    usage = vq.cluster_size if ema else vq.usage
+    torch.testing.assert_close(usage[2:], torch.tensor([0.25, 0.25]))
+    counts = torch.bincount(near, minlength=4).float()  # 5 and 3 vectors: alive codes
+    torch.testing.assert_close(usage[:2], 0.1 * counts[:2])
+    if not ema:  # the straight-through codebook keeps its (gradient-trained) alive codes
+        torch.testing.assert_close(w[:2], before[:2])
+    else:  # the EMA codes are their moving averages; the restarted ones' sums match them
+        torch.testing.assert_close(vq.embed_sum[2:], 0.25 * pts[worst])
+    # the batch itself was quantised with the codes before the restart
+    assert set(out.indices.flatten().tolist()) == {0, 1}
+
+
+def test_alive_codes_are_left_alone_and_restarts_are_off_by_default():
+    vq = VectorQuantizer(3, 2, decay=0.5, restart_threshold=1.0).train()
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [9.0, 9.0]]))
+    pts = torch.tensor([[0.0, 0.1], [0.1, 0.0], [1.0, 0.1], [0.9, 0.0]])
+    z = pts.reshape(1, 2, 2, 2).permute(0, 3, 1, 2).contiguous()
+    with torch.enable_grad():
+        vq(z)  # usage 0.5 * 2 = 1.0 for codes 0 and 1: alive; code 2 dead
+    w = vq.embedding.weight.detach()
+    torch.testing.assert_close(w[:2], torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+    assert torch.cdist(w[2:], pts).min() == 0  # moved onto a batch vector
+    off = VectorQuantizer(3, 2).train()
+    assert not hasattr(off, "usage")
+    with torch.no_grad():
+        off.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [9.0, 9.0]]))
+    with torch.enable_grad():
+        off(z)
+    assert torch.equal(off.embedding.weight[2], torch.tensor([9.0, 9.0]))
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_restarts_undo_a_collapsed_codebook_on_separated_clusters(ema):
+    # Eight tight clusters far from the initial codes: the code nearest to all of them takes
+    # every vector (collapse); restarts move codes onto the clusters until each has its own.
+    g = torch.Generator().manual_seed(0)
+    centres = 10.0 + 4.0 * torch.stack([torch.cos(torch.arange(8) * math.pi / 4),
+                                        torch.sin(torch.arange(8) * math.pi / 4)], 1)
+
+    def used_after(threshold: float) -> tuple[int, float]:
+        torch.manual_seed(0)
+        vq = VectorQuantizer(8, 2, ema=ema, decay=0.9, restart_threshold=threshold).train()
+        opt = torch.optim.SGD(vq.parameters(), lr=0.5) if not ema else None
+        for _ in range(60):
+            pts = centres[torch.randint(0, 8, (256,), generator=g)]
+            pts = pts + 0.1 * torch.randn(pts.shape, generator=g)
+            with torch.enable_grad():
+                out = vq(pts.reshape(4, 8, 8, 2).permute(0, 3, 1, 2))
+            if opt is not None:
+                opt.zero_grad()
+                out.loss.sum().backward()
+                opt.step()
+        e = vq.embedding.weight.detach()
+        nearest = torch.cdist(centres, e).min(1).values  # each centre's closest code
+        return len(set(torch.cdist(centres, e).argmin(1).tolist())), float(nearest.max())
+
+    assert used_after(0.0)[0] <= 2  # collapsed
+    used, far = used_after(1.0)
+    assert used == 8 and far < 0.5
+
+
 def test_codebook_usage_counts_the_codes():
     torch.manual_seed(0)
     m = difflab.build("vq", preset="tiny").eval()
@@ -116,7 +199,7 @@ def test_vq_model_matches_diffusers_with_the_same_weights():
 
 def test_bad_vq_settings_are_named():
     for kw, msg in (({"num_embeddings": 1}, "at least 2 codes"), ({"ema_decay": 1.0}, "decay"),
-                    ({"beta": -1.0}, "beta")):
+                    ({"beta": -1.0}, "beta"), ({"restart_threshold": -1.0}, "restart_threshold")):
         with pytest.raises(DifflabError, match=msg):
             difflab.build("vq", preset="tiny", **kw)
 
@@ -128,9 +211,10 @@ def vq_config(*more):
                               "train.tensorboard=false", "train.lr=2e-3", *more])
 
 
-@pytest.mark.parametrize("ema", [False, True])
-def test_a_vq_run_resumes_bit_exactly_and_is_a_latent_codec(tmp_path, ema):
-    sets = (f"model.ema={str(ema).lower()}", "train.checkpoint_every=2")
+@pytest.mark.parametrize("ema, restart", [(False, 0.0), (True, 0.0), (False, 2.0)])
+def test_a_vq_run_resumes_bit_exactly_and_is_a_latent_codec(tmp_path, ema, restart):
+    sets = (f"model.ema={str(ema).lower()}", f"model.restart_threshold={restart}",
+            "train.checkpoint_every=2")
     straight = train(vq_config(*sets, "train.steps=4"), tmp_path / "a", progress=False)
     half = tmp_path / "b"
     train(vq_config(*sets, "train.steps=2"), half, progress=False)
@@ -139,6 +223,7 @@ def test_a_vq_run_resumes_bit_exactly_and_is_a_latent_codec(tmp_path, ema):
         a = load_file(str(straight.checkpoint / f))
         b = load_file(str(half / "checkpoints" / "step_4" / f))
         assert all(torch.equal(a[k], b[k]) for k in a), f
+        assert ("quantize.usage" in a) == (restart > 0 and not ema)  # resumed with the run
     # latent diffusion on its pre-quantisation latents; decoding quantises
     ldm = tmp_path / "ldm"
     train(load_config(None, ["model.preset='tiny'", "model.model_channels=8",
@@ -151,7 +236,8 @@ def test_a_vq_run_resumes_bit_exactly_and_is_a_latent_codec(tmp_path, ema):
         "scale_factor"].item())
 
 
-def _ema_rank(rank: int, world: int, init_file: str, z: torch.Tensor, out: str) -> None:
+def _ema_rank(rank: int, world: int, init_file: str, z: torch.Tensor, out: str,
+              kw: dict) -> None:
     """One process of a gloo group: quantise its half of the batch with the EMA update."""
     import torch.distributed as dist
 
@@ -159,33 +245,40 @@ def _ema_rank(rank: int, world: int, init_file: str, z: torch.Tensor, out: str) 
                             world_size=world)
     try:
         torch.manual_seed(0)
-        q = VectorQuantizer(8, 4, ema=True, decay=0.9).train()
+        q = VectorQuantizer(8, 4, decay=0.9, **kw).train()
         for _ in range(3):
-            q(z.chunk(world)[rank])
+            with torch.enable_grad():
+                q(z.chunk(world)[rank])
         torch.save({k: v.clone() for k, v in q.state_dict().items()}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_ema_codebook_under_data_parallel_equals_one_process_on_the_global_batch(tmp_path):
-    # Two processes each see half of the batch; the EMA statistics are summed across them,
-    # so both end with the codebook one process reaches on the whole batch.
+@pytest.mark.parametrize("kw", [{"ema": True}, {"ema": True, "restart_threshold": 0.3},
+                                {"restart_threshold": 0.3}], ids=["ema", "ema-restart",
+                                                                  "restart"])
+def test_codebook_under_data_parallel_equals_one_process_on_the_global_batch(tmp_path, kw):
+    # Two processes each see half of the batch; the EMA statistics and the code usage are
+    # summed across them and the restart candidates gathered, so both end with the codebook
+    # one process reaches on the whole batch.
     import torch.multiprocessing as mp
 
     z = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
-    one = VectorQuantizer(8, 4, ema=True, decay=0.9).train()
+    one = VectorQuantizer(8, 4, decay=0.9, **kw).train()
     for _ in range(3):
-        one(z)
+        with torch.enable_grad():
+            one(z)
     out = str(tmp_path / "state")
-    mp.spawn(_ema_rank, args=(2, str(tmp_path / "init"), z, out), nprocs=2, join=True)
+    mp.spawn(_ema_rank, args=(2, str(tmp_path / "init"), z, out, kw), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(f"{out}.{rank}", weights_only=True)
         for k, v in one.state_dict().items():
             torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6, msg=f"{k} rank {rank}")
     # and the statistics did move (the test can fail): half a batch gives another codebook
     torch.manual_seed(0)
-    half = VectorQuantizer(8, 4, ema=True, decay=0.9).train()
+    half = VectorQuantizer(8, 4, decay=0.9, **kw).train()
     for _ in range(3):
-        half(z.chunk(2)[0])
+        with torch.enable_grad():
+            half(z.chunk(2)[0])
     assert not torch.allclose(half.embedding.weight, one.embedding.weight, atol=1e-4)
