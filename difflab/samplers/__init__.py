@@ -6,11 +6,13 @@ one with ``sample(name, den, x_init, grid, **options)``.
 
 from difflab.samplers import (
     analytic,
+    deis,
     dpm_adaptive,
     dpm_solver,
     edm,
     langevin,
     pndm,
+    restart,
     sde,
     thresholding,
     timesteps,
@@ -33,6 +35,7 @@ from difflab.samplers.noise import GeneratorNoise, PerSampleNoise, as_noise
 __all__ = [
     "AnalyticMoments",
     "analytic",
+    "deis",
     "estimate_gamma",
     "langevin",
     "sde",
@@ -40,6 +43,7 @@ __all__ = [
     "dpm_solver",
     "edm",
     "pndm",
+    "restart",
     "thresholding",
     "unipc",
     "SAMPLERS",

@@ -54,6 +54,21 @@ def _check_churn(S_churn, S_tmin, S_tmax, S_noise) -> None:
         raise bad_value("S_noise", S_noise, "a positive number")
 
 
+def heun_step(den: DenoiserBase, hooks, xt: torch.Tensor, t, sig_t: float, s, sig_s: float,
+              alpha_s: float):
+    """One deterministic step of EDM's Heun method (Alg. 2, lines 5-8) from ``x~ = x / alpha``
+    at noise level ``sig_t`` (time ``t``) to time ``s`` (noise level ``sig_s``, signal
+    ``alpha_s``): the Euler step in ``sigma~``, then, unless ``sig_s = 0``, the trapezoidal
+    correction. Returns ``x_s`` on the path's scale and the prediction at ``t``."""
+    pred = predict(den, float(den.path.alpha(t)) * xt, t, hooks)
+    if sig_s == 0:
+        return pred.x0, pred
+    d = pred.eps
+    x_next = alpha_s * (xt + (sig_s - sig_t) * d)
+    d2 = predict(den, x_next, s, hooks).eps
+    return alpha_s * (xt + (sig_s - sig_t) * 0.5 * (d + d2)), pred
+
+
 @register("heun", stochastic=True, order=2, evals_per_step=2, noise_when="S_churn > 0")
 def heun(den: DenoiserBase, x: torch.Tensor, grid, *, S_churn: float = 0.0, S_tmin: float = 0.0,
          S_tmax: float = float("inf"), S_noise: float = 1.0, noise=None,
@@ -80,14 +95,7 @@ def heun(den: DenoiserBase, x: torch.Tensor, grid, *, S_churn: float = 0.0, S_tm
             sig_hat = min(sig[i] * (1 + gamma), sig_top)
             t = path.t_from_sigma_ve(torch.tensor(sig_hat, dtype=torch.float64))
             xt = xt + (S_noise * math.sqrt(sig_hat**2 - sig[i] ** 2)) * noise.randn_like(xt)
-        pred = predict(den, float(path.alpha(t)) * xt, t, hooks)
-        if sig[i + 1] == 0:
-            x = pred.x0
-        else:
-            d = pred.eps
-            x_next = alpha[i + 1] * (xt + (sig[i + 1] - sig_hat) * d)
-            d2 = predict(den, x_next, grid[i + 1], hooks).eps
-            x = alpha[i + 1] * (xt + (sig[i + 1] - sig_hat) * 0.5 * (d + d2))
+        x, pred = heun_step(den, hooks, xt, t, sig_hat, grid[i + 1], sig[i + 1], alpha[i + 1])
         x = after_step(hooks, i, n, grid[i], grid[i + 1], x, pred)
     return x
 

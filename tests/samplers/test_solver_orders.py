@@ -15,7 +15,13 @@ Two regimes:
   the asymptotic order is the one the starting-value theory predicts: a first-order first step
   (local error ``O(h^2)``) caps DPM-Solver++(3M) at 2; PLMS's improved-Euler start and AB2 step
   (``O(h^3)``) cap it at 3, while PNDM's Runge-Kutta start keeps 4; UniPC-3's first, UniC-1
-  corrected step (``O(h^3)``) caps it at 3 although its corrected steps are of order 4.
+  corrected step (``O(h^3)``) caps it at 3 although its corrected steps are of order 4; the
+  Euler first step of iPNDM(-v) and DEIS-3 caps them at 2.
+
+iPNDM's fixed uniform-step weights are fourth order only on grids uniform in ``rho``; a log-SNR
+grid is geometric in ``rho`` (step ratio ``e^-h = 1 + O(h)``), which leaves an ``O(h^3)`` local
+error in the second-order condition: second order (``ipndm_v``, with the variable-step weights,
+keeps 4).
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import numpy as np
 import pytest
 import torch
 
-import difflab.samplers.dpm_solver  # noqa: F401  (registers the solvers)
+import difflab.samplers.deis  # noqa: F401  (registers the solvers)
+import difflab.samplers.dpm_solver  # noqa: F401
 import difflab.samplers.edm  # noqa: F401
 import difflab.samplers.pndm  # noqa: F401
 import difflab.samplers.unipc  # noqa: F401
@@ -108,10 +115,21 @@ FROM_PRIOR = [
     ("unipc_bh2", {"order": 2}, 3, MID),
     ("pndm", {}, 4, HIGH),
     ("plms", {}, 4, HIGH),
+    ("ipndm", {}, 2, HIGH),  # fixed weights on a grid geometric in rho (module docstring)
+    ("ipndm_v", {}, 4, HIGH),
+    ("deis", {"order": 1}, 1, LOW),
+    ("deis", {"order": 2}, 2, LOW),
+    ("deis", {}, 3, MID),
+    ("deis", {"mode": "rhoab"}, 3, HIGH),
 ]
 
 
-@pytest.mark.parametrize("name,opts,order,steps", FROM_PRIOR, ids=[c[0] for c in FROM_PRIOR])
+def case_id(case) -> str:
+    name, opts = case[0], case[1]
+    return name + "".join(f"-{k}={v}" for k, v in opts.items())
+
+
+@pytest.mark.parametrize("name,opts,order,steps", FROM_PRIOR, ids=[case_id(c) for c in FROM_PRIOR])
 def test_every_solver_converges_at_its_order_on_vp_discrete(vp_prior, name, opts, order, steps):
     slope, errors = vp_prior.slope(name, steps, **opts)
     assert abs(slope - order) < TOL, f"{name}: slope {slope:.2f}, errors {errors}"
@@ -125,10 +143,11 @@ EDM_SUBSET = [
     ("dpm_solver_3", {}, 3, LOW),
     ("unipc_bh2", {"order": 2}, 3, (32, 64, 128)),
     ("pndm", {}, 4, (128, 256, 512)),
+    ("deis", {}, 3, (32, 64, 128)),  # on EDM's path (t = sigma) tAB is rhoAB
 ]
 
 
-@pytest.mark.parametrize("name,opts,order,steps", EDM_SUBSET, ids=[c[0] for c in EDM_SUBSET])
+@pytest.mark.parametrize("name,opts,order,steps", EDM_SUBSET, ids=[case_id(c) for c in EDM_SUBSET])
 def test_representative_solvers_converge_at_their_order_on_edm(edm_prior, name, opts, order,
                                                                steps):
     slope, errors = edm_prior.slope(name, steps, **opts)
@@ -142,10 +161,13 @@ INSIDE = [
     ("unipc_bh2", {}, 3, (40, 80, 160)),
     ("dpmpp_3m", {}, 2, LOW),
     ("dpm_solver_3", {}, 3, LOW),
+    ("ipndm_v", {}, 2, (40, 80, 160)),
+    ("deis", {}, 2, (40, 80, 160)),
+    ("deis", {"order": 2}, 2, (40, 80, 160)),
 ]
 
 
-@pytest.mark.parametrize("name,opts,order,steps", INSIDE, ids=[c[0] for c in INSIDE])
+@pytest.mark.parametrize("name,opts,order,steps", INSIDE, ids=[case_id(c) for c in INSIDE])
 def test_warm_starts_set_the_asymptotic_order(vp_inside, name, opts, order, steps):
     slope, errors = vp_inside.slope(name, steps, **opts)
     assert abs(slope - order) < TOL, f"{name}: slope {slope:.2f}, errors {errors}"
@@ -153,7 +175,7 @@ def test_warm_starts_set_the_asymptotic_order(vp_inside, name, opts, order, step
 
 DETERMINISTIC = ["euler", "heun", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s",
                  "dpmpp_2m", "dpmpp_3m", "dpm_solver_2m", "dpm_solver_3m", "unipc_bh1",
-                 "unipc_bh2", "pndm", "plms"]
+                 "unipc_bh2", "pndm", "plms", "ipndm", "ipndm_v", "deis"]
 PATHS_KINDS = [("vp_discrete_linear", "eps"), ("vp_discrete_cosine", "x0"), ("vp_linear", "v"),
                ("vp_cosine", "score"), ("subvp", "velocity"), ("ve", "eps"), ("edm", "x0"),
                ("linear", "velocity"), ("gvp", "v")]
@@ -206,6 +228,7 @@ NFE = {
     "heun": lambda n, z: 2 * n + z,  # the step to sigma = 0 is a single Euler evaluation
     "pndm": lambda n, z: 4 * min(n, 3) + max(n - 3, 0) + z,
     "plms": lambda n, z: n + 1 + z,
+    "ipndm": lambda n, z: n + z, "ipndm_v": lambda n, z: n + z, "deis": lambda n, z: n + z,
 }
 
 
