@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
-import difflab.samplers.dpm_solver  # noqa: E402,F401  (registers the solvers)
+import difflab.samplers.deis  # noqa: E402,F401  (registers the solvers)
+import difflab.samplers.dpm_solver  # noqa: E402,F401
 import difflab.samplers.edm  # noqa: E402,F401
 import difflab.samplers.pndm  # noqa: E402,F401
 import difflab.samplers.unipc  # noqa: E402,F401
@@ -55,6 +56,7 @@ NFE_OF = {
     "dpm_solver_2m": lambda s: s, "dpm_solver_3m": lambda s: s,
     "unipc_bh1": lambda s: s, "unipc_bh2": lambda s: s,
     "pndm": lambda s: 4 * min(s, 3) + max(s - 3, 0), "plms": lambda s: s + 1,
+    "ipndm": lambda s: s, "ipndm_v": lambda s: s, "deis": lambda s: s,
 }
 SOLVERS = list(NFE_OF)
 

@@ -63,6 +63,8 @@ IPNDM_WEIGHTS = {
     4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
 }
 QUADRATURE_POINTS = 16
+_gl_nodes, _gl_weights = np.polynomial.legendre.leggauss(QUADRATURE_POINTS)
+_GL_U, _GL_W = 0.5 * (_gl_nodes + 1.0), 0.5 * _gl_weights  # Gauss-Legendre on [0, 1]
 DEIS_MODES = ("tab", "rhoab")
 
 History = list[tuple[Node, torch.Tensor]]  # (node, eps at that node), newest last
@@ -80,20 +82,20 @@ def tab_coefficients(path: GaussianPath, ts: list[float], t_next: float, rho_t: 
     int_0^1 (dL_j/du) rho(tau(u)) du``; the integral by Gauss-Legendre.
     """
     delta = t_next - ts[0]
-    u = np.array([(t - ts[0]) / delta for t in ts], dtype=np.float64)
     if len(ts) == 1:  # L_0 = 1: C_0 = rho_next - rho_t, DDIM's step, without quadrature
         return [rho_next - rho_t]
-    g, w = np.polynomial.legendre.leggauss(QUADRATURE_POINTS)
-    uq, wq = 0.5 * (g + 1.0), 0.5 * w  # Gauss-Legendre on [0, 1]
-    tau = torch.as_tensor(ts[0] + delta * uq, dtype=torch.float64)
-    rho_q = path.sigma_ve(tau).numpy()
-    coefs = []
-    for j in range(len(ts)):
-        others = np.delete(u, j)
-        basis = np.polynomial.Polynomial.fromroots(others) / np.prod(u[j] - others)
-        integral = float(np.dot(wq, basis.deriv()(uq) * rho_q))
-        coefs.append(float(basis(1.0)) * rho_next - (rho_t if j == 0 else 0.0) - integral)
-    return coefs
+    u = (np.asarray(ts, dtype=np.float64) - ts[0]) / delta
+    k = len(ts)
+    # power coefficients of the Lagrange basis: V A = I with V[i, p] = u_i^p, so column j of A
+    # holds L_j's coefficients (increasing powers)
+    a = np.linalg.inv(np.vander(u, k, increasing=True))
+    powers = np.arange(1, k)
+    dbasis = (_GL_U[:, None] ** (powers - 1)[None, :] * powers) @ a[1:]  # L_j'(u_q), (Q, k)
+    rho_q = path.sigma_ve(torch.as_tensor(ts[0] + delta * _GL_U, dtype=torch.float64)).numpy()
+    integrals = _GL_W @ (dbasis * rho_q[:, None])  # int_0^1 L_j'(u) rho(tau(u)) du
+    at_one = a.sum(0)  # L_j(1)
+    return [float(at_one[j] * rho_next - (rho_t if j == 0 else 0.0) - integrals[j])
+            for j in range(k)]
 
 
 def _weighted(hist: History, weights) -> torch.Tensor:
