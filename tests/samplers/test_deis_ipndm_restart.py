@@ -19,12 +19,11 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from difflab.denoiser import DenoiserBase
 from difflab.errors import DifflabError
 from difflab.paths import EDM, VP
 from difflab.samplers import GeneratorNoise, Hooks, PerSampleNoise, sample, timesteps
 from difflab.samplers.deis import tab_coefficients
-from difflab.testing import GaussianMixture
+from difflab.testing import CountingDenoiser, GaussianMixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,14 +44,6 @@ def rho_uniform_grid(path, steps: int, rho_end: float) -> torch.Tensor:
     grid[0] = path.t_max
     return grid
 
-
-class Counting(DenoiserBase):
-    def __init__(self, den: DenoiserBase) -> None:
-        self.den, self.path, self.calls = den, den.path, 0
-
-    def predict(self, x, t):
-        self.calls += 1
-        return self.den.predict(x, t)
 
 
 # ----- iPNDM ----------------------------------------------------------------------------------
@@ -240,7 +231,7 @@ def test_restart_evaluation_count(to_zero, k, steps):
     """Heun's ``2 N - z`` (z = 1 when the last of the ``N`` steps goes to 0, a single Euler
     evaluation) plus two evaluations for each of the ``k * steps`` restart steps."""
     path = EDM()
-    counted = Counting(MIX3.denoiser(path))
+    counted = CountingDenoiser(MIX3.denoiser(path))
     grid = timesteps.karras(path, 9, to_zero=to_zero)
     out = sample("restart", counted, start(path), grid, noise=0,
                  **{**RESTART, "restart_k": k, "restart_steps": steps})

@@ -14,7 +14,7 @@ from difflab.denoiser import DenoiserBase
 from difflab.errors import DifflabError
 from difflab.paths import EDM, VP
 from difflab.samplers import sample, timesteps
-from difflab.testing import GaussianMixture, probability_flow_reference
+from difflab.testing import GaussianMixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,21 +96,9 @@ def test_pid_steps_follow_the_controller_formula(gains):
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-12)
 
 
-@pytest.fixture(scope="module")
-def vp_problem():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    path = VP.discrete_linear()
-    den = smooth_mixture().denoiser(path)
-    x = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    ref = probability_flow_reference(den, x, 1.0, 0.1)
-    torch.set_num_threads(before)
-    return den, x, ref
-
-
 @pytest.mark.parametrize("order", [2, 3])
-def test_pid_rows_do_not_depend_on_the_batch(vp_problem, order):
-    den, x, _ = vp_problem
+def test_pid_rows_do_not_depend_on_the_batch(adaptive_problem, order):
+    den, x, _ = adaptive_problem
     grid = timesteps.uniform(den.path, 3)
     batch = sample("dpm_adaptive", den, x, grid, order=order, controller="pid")
     for i in (0, 3, 15):
@@ -119,8 +107,8 @@ def test_pid_rows_do_not_depend_on_the_batch(vp_problem, order):
 
 
 @pytest.mark.parametrize("order", [2, 3])
-def test_pid_meets_its_tolerance_and_converges(vp_problem, order):
-    den, x, ref = vp_problem
+def test_pid_meets_its_tolerance_and_converges(adaptive_problem, order):
+    den, x, ref = adaptive_problem
     grid = torch.tensor([1.0, 0.1], dtype=torch.float64)
     scale = float(ref.pow(2).mean().sqrt())  # the size of x that rtol is relative to
     errors = []
@@ -132,8 +120,8 @@ def test_pid_meets_its_tolerance_and_converges(vp_problem, order):
     assert errors[2] < errors[1] / 3 < errors[0] / 9
 
 
-def test_explicit_dpm_controller_is_the_default(vp_problem):
-    den, x, _ = vp_problem
+def test_explicit_dpm_controller_is_the_default(adaptive_problem):
+    den, x, _ = adaptive_problem
     grid = torch.tensor([1.0, 0.1], dtype=torch.float64)
     torch.testing.assert_close(sample("dpm_adaptive", den, x, grid, controller="dpm"),
                                sample("dpm_adaptive", den, x, grid), rtol=0, atol=0)
@@ -156,8 +144,8 @@ def test_bad_pid_options_name_the_argument(opts, arg):
         sample("dpm_adaptive", den, torch.randn(2, 3), timesteps.uniform(path, 4), **opts)
 
 
-def test_pid_respects_max_evals(vp_problem):
-    den, x, _ = vp_problem
+def test_pid_respects_max_evals(adaptive_problem):
+    den, x, _ = adaptive_problem
     with pytest.raises(DifflabError, match="max_evals"):
         sample("dpm_adaptive", den, x, timesteps.uniform(den.path, 3), controller="pid",
                rtol=1e-6, atol=1e-8, max_evals=50)

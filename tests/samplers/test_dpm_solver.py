@@ -12,26 +12,15 @@ import torch
 from scipy import integrate
 
 import difflab.samplers.dpm_solver  # noqa: F401  (registers the solvers)
-from difflab.denoiser import DenoiserBase
 from difflab.errors import DifflabError
 from difflab.paths import EDM, VP
 from difflab.samplers import PerSampleNoise, sample, timesteps
 from difflab.samplers.dpm_solver import newton_derivatives
 from difflab.samplers.exponential import hphi, step_orders
-from difflab.testing import GaussianMixture, probability_flow_reference
+from difflab.testing import CountingDenoiser, GaussianMixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-class Counting(DenoiserBase):
-    """Counts the evaluations of a denoiser."""
-
-    def __init__(self, den: DenoiserBase) -> None:
-        self.den, self.path, self.calls = den, den.path, 0
-
-    def predict(self, x, t):
-        self.calls += 1
-        return self.den.predict(x, t)
 
 
 def smooth_mixture() -> GaussianMixture:
@@ -128,18 +117,6 @@ def test_bad_options_name_the_argument():
 
 
 # ----- adaptive step size ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def adaptive_problem():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    path = VP.discrete_linear()
-    den = smooth_mixture().denoiser(path)
-    x = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    ref = probability_flow_reference(den, x, 1.0, 0.1)
-    torch.set_num_threads(before)
-    return den, x, ref
-
-
 @pytest.mark.parametrize("order", [2, 3])
 def test_adaptive_solver_meets_its_tolerance(adaptive_problem, order):
     den, x, ref = adaptive_problem
@@ -147,7 +124,7 @@ def test_adaptive_solver_meets_its_tolerance(adaptive_problem, order):
     scale = float(ref.pow(2).mean().sqrt())  # the size of x that rtol is relative to
     runs = []
     for rtol, atol in [(1e-2, 1e-3), (1e-3, 1e-4)]:
-        counted = Counting(den)
+        counted = CountingDenoiser(den)
         out = sample("dpm_adaptive", counted, x, grid, order=order, rtol=rtol, atol=atol)
         error = float((out - ref).pow(2).mean().sqrt())
         assert error < max(atol, rtol * scale), (rtol, error)

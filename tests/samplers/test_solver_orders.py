@@ -37,10 +37,9 @@ import difflab.samplers.dpm_solver  # noqa: F401
 import difflab.samplers.edm  # noqa: F401
 import difflab.samplers.pndm  # noqa: F401
 import difflab.samplers.unipc  # noqa: F401
-from difflab.denoiser import DenoiserBase
 from difflab.paths import EDM, VP
 from difflab.samplers import get_sampler, sample, timesteps
-from difflab.testing import GaussianMixture, probability_flow_reference
+from difflab.testing import CountingDenoiser, GaussianMixture, probability_flow_reference
 
 TOL = 0.3
 LOW, MID, HIGH = (16, 32, 64), (16, 32, 64, 128), (64, 128, 256)
@@ -207,14 +206,6 @@ def test_every_solver_works_on_every_path_and_parameterization(make_path, oracle
 
 
 # ----- the shared contract: evaluations per grid and the final step to the data ---------------
-class Counting(DenoiserBase):
-    def __init__(self, den: DenoiserBase) -> None:
-        self.den, self.path, self.calls = den, den.path, 0
-
-    def predict(self, x, t):
-        self.calls += 1
-        return self.den.predict(x, t)
-
 
 # evaluations for n solver steps, z = 1 when the grid ends at 0 (the denoising step)
 NFE = {
@@ -245,7 +236,7 @@ def test_evaluations_and_the_final_step_to_the_data(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for grid, z in ((to_zero, 1), (positive, 0)):
-            counted = Counting(den)
+            counted = CountingDenoiser(den)
             out = sample(name, counted, x, grid, noise=5)
             assert counted.calls == NFE[name](11, z), (name, z, counted.calls)
         last = sample(name, den, x, positive, noise=5)

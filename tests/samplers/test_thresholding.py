@@ -13,7 +13,6 @@ import difflab.samplers.dpm_solver  # noqa: F401  (registers the solvers)
 import difflab.samplers.edm  # noqa: F401
 import difflab.samplers.pndm  # noqa: F401
 import difflab.samplers.unipc  # noqa: F401
-from difflab.denoiser import DenoiserBase
 from difflab.errors import DifflabError
 from difflab.paths import EDM, VP
 from difflab.samplers import Hooks, sample, timesteps
@@ -23,7 +22,7 @@ from difflab.samplers.thresholding import (
     dynamic_threshold,
     static_threshold,
 )
-from difflab.testing import GaussianMixture
+from difflab.testing import CountingDenoiser, GaussianMixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,14 +58,6 @@ def test_dynamic_threshold_rejects_bad_percentiles():
             DynamicThreshold(p)
 
 
-class Counting(DenoiserBase):
-    def __init__(self, den: DenoiserBase) -> None:
-        self.den, self.path, self.calls = den, den.path, 0
-
-    def predict(self, x, t):
-        self.calls += 1
-        return self.den.predict(x, t)
-
 
 SAMPLERS = ["dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m",
             "dpm_solver_2m", "dpm_solver_3m", "dpmpp_2m_sde", "dpm_adaptive", "unipc_bh1",
@@ -89,7 +80,7 @@ def test_thresholds_compose_with_every_sampler(path, hook):
             seen.append(float(t[0]))
             return hook(x0, t)
 
-        den = Counting(mixture.denoiser(path))
+        den = CountingDenoiser(mixture.denoiser(path))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = sample(name, den, x, grid, hooks=Hooks(correct_x0=counting_hook), noise=0)
