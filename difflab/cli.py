@@ -171,7 +171,8 @@ def register_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=positive_int, help="number of samples")
     p.add_argument("--seed", type=count_from_zero, help="base seed (an integer >= 0)")
     p.add_argument("--grid", help="time grid: auto, uniform, quadratic, log_snr, karras, "
-                   "discrete")
+                   "discrete, custom (--grid-option times=[...]), or tuned (the run's own, from "
+                   "difflab tune-grid)")
     p.add_argument("--grid-option", dest="grid_options", action="append", default=[],
                    metavar="KEY=VALUE", help="time-grid option, e.g. spacing='trailing'")
     p.add_argument("--option", dest="options", action="append", default=[],
@@ -510,9 +511,16 @@ def register_evaluation(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
+def register_tune_grid(sub: argparse._SubParsersAction) -> None:
+    """``tune-grid`` lives in :mod:`difflab.tune_command`."""
+    from difflab.tune_command import register
+
+    register(sub)
+
+
 COMMANDS: list[Register] = [register_train, register_sample, register_samplers, register_demo,
-                            register_evaluation, register_export, register_convert,
-                            register_upgrade, register_families]
+                            register_evaluation, register_tune_grid, register_export,
+                            register_convert, register_upgrade, register_families]
 
 
 def add_command(register: Register) -> Register:

@@ -318,7 +318,7 @@ class SampleConfig(Section):
 
             parse_guidance(self.guidance)
         from difflab.samplers import SAMPLERS
-        from difflab.samplers.timesteps import GRIDS
+        from difflab.samplers.timesteps import GRIDS, TUNED
 
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sample.sampler={self.sampler!r} is not valid: expected one of "
@@ -328,9 +328,9 @@ class SampleConfig(Section):
             if key not in accepted:
                 raise ValueError(_unknown(f"sample.options.{key}", key, accepted,
                                           f"options of sampler {self.sampler!r}"))
-        if self.grid != "auto" and self.grid not in GRIDS:
-            raise ValueError(f"sample.grid={self.grid!r} is not valid: expected 'auto' or one of "
-                             f"{', '.join(GRIDS)}")
+        if self.grid not in ("auto", TUNED) and self.grid not in GRIDS:
+            raise ValueError(f"sample.grid={self.grid!r} is not valid: expected 'auto', "
+                             f"'{TUNED}' or one of {', '.join(GRIDS)}")
         return self
 
 

@@ -62,9 +62,11 @@ def auto_grid_name(path: GaussianPath) -> str:
 def sampling_grid(path: GaussianPath, steps: int, grid: str = "auto",
                   grid_options: dict[str, Any] | None = None) -> torch.Tensor:
     """The time grid named ``grid`` (``auto``: :func:`auto_grid_name`) with ``steps`` steps."""
-    from difflab.samplers.timesteps import make_grid
+    from difflab.samplers.timesteps import TUNED, make_grid
 
     name = auto_grid_name(path) if grid == "auto" else grid
+    if name == TUNED:  # resolved to its times by resolve_settings
+        name = "custom"
     return make_grid(name, path, steps, **(grid_options or {}))
 
 
@@ -245,20 +247,30 @@ def not_generative(run: LoadedRun, name) -> str:
 def resolve_settings(run: LoadedRun, req: SampleRequest) -> dict[str, Any]:
     """The request's settings with the run's ``[sample]`` defaults filled in, checked."""
     from difflab.samplers import SAMPLERS
-    from difflab.samplers.timesteps import GRIDS
+    from difflab.samplers.timesteps import GRIDS, TUNED
 
     s = run.config.sample
     sampler = req.sampler or s.sampler
     if sampler not in SAMPLERS:
         raise bad_value("sampler", sampler, f"one of {', '.join(sorted(SAMPLERS))}")
     grid = req.grid or s.grid
-    if grid != "auto" and grid not in GRIDS:
-        raise bad_value("grid", grid, f"auto or one of {', '.join(GRIDS)}")
+    if grid not in ("auto", TUNED) and grid not in GRIDS:
+        raise bad_value("grid", grid, f"auto, {TUNED} or one of {', '.join(GRIDS)}")
     options = dict(s.options) if sampler == s.sampler else {}
     options.update(req.options or {})
     grid_options = dict(s.grid_options) if grid == s.grid else {}
     grid_options.update(req.grid_options or {})
-    out = {"sampler": sampler, "steps": req.steps if req.steps is not None else s.steps,
+    steps = req.steps if req.steps is not None else s.steps
+    if grid == "custom" and req.steps is None and isinstance(grid_options.get("times"), list):
+        steps = len(grid_options["times"]) - 1  # the grid says how many steps it has
+    if grid == TUNED:  # RUN/tuned_grids.json, made by difflab tune-grid
+        from difflab.grid_tuning import lookup_tuned
+
+        if grid_options:
+            raise DifflabError("the tuned grid takes no grid options: its times come from "
+                               "difflab tune-grid")
+        grid_options = {"times": lookup_tuned(run, sampler, steps)["times"]}
+    out = {"sampler": sampler, "steps": steps,
            "grid": grid, "grid_options": grid_options, "options": options,
            "guidance": req.guidance if req.guidance is not None else s.guidance,
            "n": req.n if req.n is not None else s.n,

@@ -69,7 +69,7 @@ def parse_samplers(text: str) -> list[tuple[str, int, str | None]]:
     "log_snr")]``: ``NAME:STEPS[:GRID]``, names checked against the sampler and grid registries
     (no grid: the path's default)."""
     from difflab.samplers import SAMPLERS
-    from difflab.samplers.timesteps import GRIDS
+    from difflab.samplers.timesteps import GRIDS, TUNED
 
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):
@@ -80,9 +80,10 @@ def parse_samplers(text: str) -> list[tuple[str, int, str | None]]:
         if not steps.isdigit() or int(steps) < 1:
             raise bad_value("--samplers", item, "NAME:STEPS with STEPS a positive int, e.g. "
                             "ddim:50")
-        if grid and grid not in GRIDS:
+        named = [g for g in GRIDS if g != "custom"] + [TUNED]  # custom needs its times
+        if grid and grid not in named:
             raise bad_value("--samplers", item, f"NAME:STEPS:GRID with GRID one of "
-                            f"{', '.join(GRIDS)}")
+                            f"{', '.join(named)}")
         out.append((name, int(steps), grid or None))
     if not out:
         raise bad_value("--samplers", text, "a comma-separated list like ddim:10,ddpm:1000")

@@ -161,8 +161,37 @@ def grid_from(grid: torch.Tensor, t0: float) -> torch.Tensor:
     return torch.cat([grid.new_tensor([t0]), grid[grid < t0]])
 
 
+def custom(path: GaussianPath, steps: int | None = None, times=None) -> torch.Tensor:
+    """A grid given time by time (``times``: descending, within ``[t_min, t_max]``, optionally
+    ending at 0), as ``difflab tune-grid`` saves them; ``steps``, when given, must be
+    ``len(times) - 1``."""
+    if times is None:
+        raise DifflabError("the custom grid needs its times: grid_options={'times': [...]} "
+                           "(--grid-option times=[1.0,0.5,0.0])")
+    try:
+        t = torch.as_tensor(times, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise bad_value("times", times, "a list of numbers") from e
+    if t.numel() < 2:
+        raise bad_value("times", times, "at least two times (one step)")
+    if steps is not None and steps != t.numel() - 1:
+        raise DifflabError(f"the custom grid has {t.numel() - 1} steps, but steps={steps} was "
+                           "asked for")
+    if not bool(torch.isfinite(t).all()) or not bool((t[1:] < t[:-1]).all()):
+        raise bad_value("times", times, "finite, strictly descending times")
+    pos = t[:-1] if float(t[-1]) == 0.0 else t
+    lo, hi = float(pos.min()), float(pos.max())
+    eps = 1e-12
+    if lo < path.t_min - eps or hi > path.t_max + eps:
+        raise bad_value("times", times, f"times within the path's [{path.t_min}, {path.t_max}] "
+                        "(and optionally a final 0)")
+    return t
+
+
+TUNED = "tuned"  # a run's own grid from difflab tune-grid (difflab.grid_tuning), not a formula
+
 GRIDS = {"uniform": uniform, "quadratic": quadratic, "log_snr": log_snr, "karras": karras,
-         "discrete": discrete}
+         "discrete": discrete, "custom": custom}
 
 
 def make_grid(name: str, path: GaussianPath, steps: int, **kwargs) -> torch.Tensor:
