@@ -24,7 +24,8 @@ def dpm_adaptive(den: DenoiserBase, x: torch.Tensor, grid, *, order: int = 3,
                  rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
                  theta: float = 0.9, controller: str = "dpm", pcoeff: float = 0.4,
                  icoeff: float = 0.3, dcoeff: float = 0.0, accept_safety: float = 0.81,
-                 max_evals: int = 10_000, noise=None, hooks=None) -> torch.Tensor:
+                 norm: str = "sample", max_evals: int = 10_000, noise=None,
+                 hooks=None) -> torch.Tensor:
     """Adaptive DPM-Solver-12 (``order=2``) / DPM-Solver-23 (``order=3``) (Lu et al. 2022,
     Sec. 3.3 and App. C, the adaptive-step algorithms).
 
@@ -50,14 +51,19 @@ def dpm_adaptive(den: DenoiserBase, x: torch.Tensor, grid, *, order: int = 3,
       (which accepts ``E <= 0.81^-k`` and steers ``E`` towards 1). ``theta`` is not used.
       Why PI.3.4 and why per-sample control costs more batched calls: see ``_PidControl``.
 
-    In both, ``h`` is then cut to what remains of the interval. Every sample controls its own
-    step size with its own controller state (the rows still share each batched evaluation), so
-    a sample's path does not depend on the rest of the batch; ``eps`` at a sample's current
+    In both, ``h`` is then cut to what remains of the interval. With ``norm="sample"`` (the
+    default) every sample controls its own step size with its own controller state (the rows
+    still share each batched evaluation), so a sample's path does not depend on the rest of the
+    batch. ``norm="batch"`` takes ``E`` over the whole batch instead (as k-diffusion's
+    ``sample_dpm_adaptive`` does): the samples step together, which needs fewer batched calls
+    but makes each sample's path depend on the batch it is in. ``eps`` at a sample's current
     point is reused across its rejected trials. Callbacks see one step from ``grid[0]`` to the
     final time (plus the denoising step). Raises if more than ``max_evals`` batched evaluations
     would be needed.
     """
     _check_adaptive(order, rtol, atol, h_init, theta)
+    if norm not in NORMS:
+        raise bad_value("norm", norm, " or ".join(map(repr, NORMS)))
     path = den.path
     hooks, grid, x, _, to_zero = prepare(den, x, grid, hooks)
     x, n = x.clone(), x.shape[0]  # rows are updated in place
@@ -81,7 +87,8 @@ def dpm_adaptive(den: DenoiserBase, x: torch.Tensor, grid, *, order: int = 3,
             raise DifflabError(f"dpm_adaptive needed more than max_evals={max_evals} "
                                f"evaluations: loosen rtol={rtol} / atol={atol}")
         delta = torch.maximum(x_low.abs(), x[rows].abs()).mul(rtol).clamp_min(atol)
-        err = ((x_high - x_low) / delta).flatten(1).pow(2).mean(1).sqrt().double()
+        sq = ((x_high - x_low) / delta).flatten(1).pow(2).mean(1).double()
+        err = (sq.mean().expand_as(sq) if norm == "batch" else sq).sqrt()
         err = torch.nan_to_num(err, nan=float("inf"))
         accept, h_next = control(rows, err, h[rows])
         x[rows[accept]] = x_high[accept]
@@ -92,6 +99,7 @@ def dpm_adaptive(den: DenoiserBase, x: torch.Tensor, grid, *, order: int = 3,
 
 
 CONTROLLERS = ("dpm", "pid")
+NORMS = ("sample", "batch")
 
 
 class _DpmControl:
