@@ -87,8 +87,9 @@ def main() -> int:
                     grids = fixed_grids(path, nfe)
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        res = tune_grid(lambda g, name=name: sample(name, den, tune, g), grids,
-                                        ref_t, path)
+                        res = tune_grid(
+                            lambda g, name=name, den=den, tune=tune: sample(name, den, tune, g),
+                            grids, ref_t, path)
                         outs = {k: sample(name, den, held, g) for k, g in grids.items()}
                         outs["tuned"] = sample(name, den, held, res.grid)
                     err = {k: sample_error(o, ref_h) for k, o in outs.items()}

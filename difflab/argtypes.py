@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import textwrap
 from pathlib import Path
 
 from difflab.errors import bad_value
@@ -105,3 +106,40 @@ def existing_folder(flag: str):
 
     check.__name__ = flag
     return check
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps prose paragraphs to the terminal; keeps indented lines (examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for line in text.splitlines():
+            if line.startswith("  ") or not line.strip():
+                out.append(indent + line)
+            else:
+                out.append(textwrap.fill(line, width, initial_indent=indent,
+                                         subsequent_indent=indent))
+        return "\n".join(out)
+
+
+def key_value(item: str, flag: str = "--option") -> tuple[str, object]:
+    """``k=v`` with ``v`` parsed as a TOML literal when possible (as ``--set``)."""
+    from difflab.config import parse_override
+
+    if "=" not in item:
+        raise bad_value(flag, item, "KEY=VALUE, e.g. eta=0.5")
+    keys, value = parse_override(item)
+    if len(keys) != 1:
+        raise bad_value(flag, item, "KEY=VALUE with a plain key, e.g. eta=0.5")
+    return keys[0], value
+
+
+def set_threads(n: int | None) -> None:
+    """``--threads``: torch's intra-op threads (None: leave as is)."""
+    if n is None:
+        return
+    if n < 1:
+        raise bad_value("--threads", n, "a positive number of threads")
+    import torch
+
+    torch.set_num_threads(n)

@@ -22,33 +22,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from difflab.argtypes import (
+from difflab.argtypes import (  # noqa: F401 (re-exported)
+    HelpFormatter,
     count_from_zero,
     device_name,
     existing_folder,
     fraction,
+    key_value,
     output_file,
     output_folder,
     positive_float,
     positive_int,
+    set_threads,
 )
-from difflab.errors import DifflabError, bad_value
+from difflab.errors import DifflabError
 
 Register = Callable[[argparse._SubParsersAction], None]
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Wraps prose paragraphs to the terminal; keeps indented lines (examples) as written."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        out = []
-        for line in text.splitlines():
-            if line.startswith("  ") or not line.strip():
-                out.append(indent + line)
-            else:
-                out.append(textwrap.fill(line, width, initial_indent=indent,
-                                         subsequent_indent=indent))
-        return "\n".join(out)
 
 
 class Parser(argparse.ArgumentParser):
@@ -57,18 +46,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _kv(item: str, flag: str = "--option") -> tuple[str, object]:
-    """``k=v`` with ``v`` parsed as a TOML literal when possible (as ``--set``)."""
-    from difflab.config import parse_override
-
-    if "=" not in item:
-        raise bad_value(flag, item, "KEY=VALUE, e.g. eta=0.5")
-    keys, value = parse_override(item)
-    if len(keys) != 1:
-        raise bad_value(flag, item, "KEY=VALUE with a plain key, e.g. eta=0.5")
-    return keys[0], value
 
 
 # ----- train -------------------------------------------------------------------------------------
@@ -121,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not config.is_file():
             raise DifflabError(f"--resume {args.resume}: {config} does not exist (not a run "
                                "folder?)")
-    _threads(args.threads)
+    set_threads(args.threads)
     cfg = load_config(config, args.overrides, upgrade=args.config is None)
     acc = make_accelerator(cfg)
     run_dir = args.resume or args.out
@@ -249,9 +226,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from difflab.samplers import get_sampler
 
         get_sampler(args.sampler)
-    grid_options = dict(_kv(o, "--grid-option") for o in args.grid_options)
-    options = dict(_kv(o) for o in args.options)
-    _threads(args.threads)
+    grid_options = dict(key_value(o, "--grid-option") for o in args.grid_options)
+    options = dict(key_value(o) for o in args.options)
+    set_threads(args.threads)
     run = load_run(args.run, checkpoint=args.checkpoint, ema=args.ema, device=args.device,
                    single_file=single_file_options(args))
     if not run.generative:
@@ -488,19 +465,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from difflab.demo import run_demo
 
     output_folder("--out", args.out)
-    _threads(args.threads)
+    set_threads(args.threads)
     run_demo(args.out, args.minutes, args.config, args.overrides, n=args.n)
     return 0
-
-
-def _threads(n: int | None) -> None:
-    if n is None:
-        return
-    if n < 1:
-        raise bad_value("--threads", n, "a positive number of threads")
-    import torch
-
-    torch.set_num_threads(n)
 
 
 # ----- the parser --------------------------------------------------------------------------------

@@ -15,84 +15,26 @@ entry per ``(sampler, steps)``; ``--grid tuned`` (``SampleRequest(grid="tuned")`
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from difflab.errors import DifflabError, bad_value
 from difflab.runs import LoadedRun
+from difflab.tuned_grids import TUNED_FILE, lookup_tuned, read_tuned, save_tuned, tuned_file
+
+__all__ = ["TUNED_FILE", "lookup_tuned", "read_tuned", "save_tuned", "tune_run", "tuned_file"]
 
 logger = logging.getLogger("difflab.grid_tuning")
 
-TUNED_FILE = "tuned_grids.json"
 # the fixed grids a search starts from and is compared with: name -> (grid, grid options)
 START_GRIDS = {"uniform": ("uniform", {}), "quadratic": ("quadratic", {}),
                "log_snr": ("log_snr", {}), "karras": ("karras", {}),
                **{f"karras[rho={r}]": ("karras", {"rho": float(r)}) for r in (3, 5, 10)},
                "discrete[trailing]": ("discrete", {"spacing": "trailing"})}
-FORMAT = 1
-
-
-def tuned_file(run: LoadedRun) -> Path:
-    """Where a loaded run keeps its tuned grids (beside ``config.toml`` for a run folder)."""
-    ckpt = run.checkpoint
-    if ckpt is None:
-        raise DifflabError("tuned grids are kept in a run folder; this model was built in "
-                           "memory and has none")
-    ckpt = Path(ckpt)
-    if ckpt.name.startswith("step_") and ckpt.parent.name == "checkpoints":
-        return ckpt.parent.parent / TUNED_FILE
-    return (ckpt if ckpt.is_dir() else ckpt.parent) / TUNED_FILE
-
-
-def read_tuned(file: Path) -> list[dict[str, Any]]:
-    """The entries of a tuned-grids file ([] when there is none)."""
-    if not file.is_file():
-        return []
-    try:
-        data = json.loads(file.read_text())
-        entries = data["grids"]
-        if not isinstance(entries, list):
-            raise TypeError("grids is not a list")
-    except (ValueError, KeyError, TypeError) as e:
-        raise DifflabError(f"{file} is not a difflab tuned-grids file ({e}): remove it and run "
-                           "difflab tune-grid again") from e
-    return entries
-
-
-def save_tuned(file: Path, entry: dict[str, Any]) -> None:
-    """Add ``entry`` to the file, replacing the one with the same sampler and steps; the file
-    is replaced atomically, so a crash leaves the old one."""
-    entries = [e for e in read_tuned(file)
-               if (e.get("sampler"), e.get("steps")) != (entry["sampler"], entry["steps"])]
-    entries.append(entry)
-    entries.sort(key=lambda e: (e["sampler"], e["steps"]))
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "grids": entries}, indent=1) + "\n")
-    os.replace(tmp, file)
-
-
-def lookup_tuned(run: LoadedRun, sampler: str, steps: int) -> dict[str, Any]:
-    """The saved entry for ``(sampler, steps)``, or an error saying what exists and how to
-    make the missing one."""
-    file = tuned_file(run)
-    entries = read_tuned(file)
-    for e in entries:
-        if e.get("sampler") == sampler and e.get("steps") == steps:
-            if e.get("step") != run.step:
-                logger.warning("the tuned grid for %s at %d steps was tuned on step %s; "
-                               "sampling step %s", sampler, steps, e.get("step"), run.step)
-            return e
-    have = ", ".join(f"{e.get('sampler')}:{e.get('steps')}" for e in entries) or "none"
-    raise DifflabError(f"no tuned grid for sampler {sampler!r} at {steps} steps in {file} "
-                       f"(tuned: {have}); make it with difflab tune-grid RUN --sampler "
-                       f"{sampler} --steps {steps}")
 
 
 def steps_for_nfe(sampler: str, nfe: int) -> int:

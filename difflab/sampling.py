@@ -264,7 +264,7 @@ def resolve_settings(run: LoadedRun, req: SampleRequest) -> dict[str, Any]:
     if grid == "custom" and req.steps is None and isinstance(grid_options.get("times"), list):
         steps = len(grid_options["times"]) - 1  # the grid says how many steps it has
     if grid == TUNED:  # RUN/tuned_grids.json, made by difflab tune-grid
-        from difflab.grid_tuning import lookup_tuned
+        from difflab.tuned_grids import lookup_tuned
 
         if grid_options:
             raise DifflabError("the tuned grid takes no grid options: its times come from "

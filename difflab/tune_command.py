@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from difflab.argtypes import count_from_zero, device_name, positive_int
+from difflab.argtypes import (
+    HelpFormatter,
+    count_from_zero,
+    device_name,
+    key_value,
+    positive_int,
+    set_threads,
+)
 from difflab.errors import DifflabError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from difflab.cli import HelpFormatter
-
     p = sub.add_parser(
         "tune-grid", help="tune a sampler's time grid to a trained run and budget",
         description="Search the time grid on which SAMPLER with a given budget lands closest "
@@ -57,16 +62,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_tune_grid(args: argparse.Namespace) -> int:
-    from difflab.cli import _kv, _threads
     from difflab.grid_tuning import save_tuned, steps_for_nfe, tune_run, tuned_file
     from difflab.samplers import get_sampler
     from difflab.sampling import load_run, not_generative
 
     get_sampler(args.sampler)
     get_sampler(args.ref_sampler)
-    options = dict(_kv(o) for o in args.options) or None
+    options = dict(key_value(o) for o in args.options) or None
     steps = args.steps if args.steps is not None else steps_for_nfe(args.sampler, args.nfe)
-    _threads(args.threads)
+    set_threads(args.threads)
     run = load_run(args.run, checkpoint=args.checkpoint, ema=args.ema, device=args.device)
     if not run.generative:
         raise DifflabError(not_generative(run, args.run))
