@@ -12,6 +12,9 @@ $(BIN)/difflab: pyproject.toml
 	# the CPU build of torch first, so nothing below pulls a CUDA build
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e '.[dev]'
+	# k-diffusion for the peer cross-checks (tests/interop/test_peer_samplers.py); only its
+	# sampling.py is used (difflab.testing.peers), so none of its dependencies
+	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1.post1
 	touch $(BIN)/difflab
 
 install: $(BIN)/difflab

@@ -13,25 +13,25 @@ proportion to its rows. ``kd_per_sample`` runs k-diffusion on one sample at a ti
 then is per sample, like difflab's): its NFE cell is the mean over samples with the max
 in brackets; the equal-cost table uses the max as its NFE (what a batch waits for).
 ``pid_x_low`` is a measurement only (the embedded pair swapped so ``x_low`` is kept).
+``*_batch``: difflab with ``norm="batch"``, one error norm over the batch as k-diffusion takes
+it (the samples step together); ``pid_integral_batch`` is k-diffusion's own configuration.
 
-k-diffusion is not a dependency: unpack its wheel and pass the folder::
+k-diffusion is installed without its dependencies by ``make install`` (or by hand:
+``pip install --no-deps k-diffusion==0.1.1.post1``)::
 
-    pip download k-diffusion==0.1.1.post1 --no-deps -d /tmp/kd_pid
-    (cd /tmp/kd_pid && unzip -o -q k_diffusion-0.1.1.post1-py3-none-any.whl)
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adaptive_pid.py --k-diffusion /tmp/kd_pid
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adaptive_pid.py
 
-Its ``sampling.py`` is loaded alone, with stand-ins for ``utils`` (only ``append_dims``) and
-for ``torchsde`` / ``torchdiffeq`` when missing (the adaptive solver calls neither).
+Its ``sampling.py`` is loaded alone by ``difflab.testing.peers.load_k_diffusion_sampling``,
+with stand-ins for ``utils`` (only ``append_dims``) and for ``torchsde`` / ``torchdiffeq`` when
+missing (the adaptive solver calls neither).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -42,29 +42,9 @@ from difflab.denoiser import DenoiserBase  # noqa: E402
 from difflab.paths import EDM  # noqa: E402
 from difflab.samplers import sample  # noqa: E402
 from difflab.testing import GaussianMixture, probability_flow_reference  # noqa: E402
+from difflab.testing.peers import load_k_diffusion_sampling  # noqa: E402
 
 TOLS = [(0.05, 0.0078), (0.02, 0.003), (0.01, 0.002), (3e-3, 5e-4), (1e-3, 1e-4), (3e-4, 3e-5)]
-
-
-def load_k_diffusion(root: Path):
-    pkg, utils = types.ModuleType("kd_bench"), types.ModuleType("kd_bench.utils")
-    pkg.__path__ = []
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    pkg.utils = utils
-    sys.modules.update({"kd_bench": pkg, "kd_bench.utils": utils})
-    for name in ("torchsde", "torchdiffeq"):
-        try:
-            __import__(name)
-        except ImportError:
-            stub = types.ModuleType(name)
-            stub.odeint = None
-            sys.modules[name] = stub
-    spec = importlib.util.spec_from_file_location("kd_bench.sampling",
-                                                  root / "k_diffusion" / "sampling.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kd_bench.sampling"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class Counting(DenoiserBase):
@@ -133,7 +113,10 @@ def methods(kd, den, x):
 
     return {"kd": kd_batch, "kd_per_sample": kd_rows, "dpm": difflab(),
             "pid_integral": difflab(controller="pid", pcoeff=0.0, icoeff=1.0),
-            "pid": difflab(controller="pid"), "pid_x_low": x_low}
+            "pid": difflab(controller="pid"), "pid_x_low": x_low,
+            "pid_batch": difflab(controller="pid", norm="batch"),
+            "pid_integral_batch": difflab(controller="pid", pcoeff=0.0, icoeff=1.0,
+                                          norm="batch")}
 
 
 def at_nfe(points, nfe):
@@ -147,14 +130,12 @@ def at_nfe(points, nfe):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--k-diffusion", type=Path, required=True,
-                        help="folder holding the unpacked k_diffusion package")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    kd = load_k_diffusion(args.k_diffusion)
+    kd = load_k_diffusion_sampling()
     den, x, ref = problem(args.samples, args.seed)
     print(f"`{' '.join(['benchmarks/adaptive_pid.py', *sys.argv[1:]])}`: {args.samples} samples,"
           f" seed {args.seed}; NFE = batched calls, evals/sample = rows evaluated / batch\n")
