@@ -118,11 +118,16 @@ def tune_run(run: LoadedRun, sampler: str, steps: int, *, n: int = 64, val_n: in
     base = dict(model=run, guidance=guidance, batch_size=batch_size, decode=False,
                 clip_x0=None)
 
+    resolved: dict[str, Any] = {}  # the sampler options generate ran with (the run's too)
+
     def draw(name: str, k: int, grid: str, grid_options: dict, count: int, s: int,
              opts: dict | None) -> torch.Tensor:
         req = SampleRequest(sampler=name, steps=k, grid=grid, grid_options=grid_options,
                             options=opts, n=count, seed=s, **base)
-        return generate(req).images.double()
+        out = generate(req)
+        if name == sampler:
+            resolved.update(out.metadata["options"])
+        return out.images.double()
 
     val_seed = seed + 1
     t0 = time.perf_counter()
@@ -159,7 +164,7 @@ def tune_run(run: LoadedRun, sampler: str, steps: int, *, n: int = 64, val_n: in
                        ref_error, held["tuned"]["error"])
     return {
         "sampler": sampler, "steps": steps, "times": res.grid.tolist(),
-        "nfe": steps * SAMPLERS[sampler].evals_per_step, "options": options or {},
+        "nfe": steps * SAMPLERS[sampler].evals_per_step, "options": resolved,
         "guidance": guidance, "step": run.step,
         "error": {"metric": "mean over samples of each sample's RMS difference from the "
                             "reference (rms: over the whole batch)",

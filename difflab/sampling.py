@@ -269,7 +269,7 @@ def resolve_settings(run: LoadedRun, req: SampleRequest) -> dict[str, Any]:
         if grid_options:
             raise DifflabError("the tuned grid takes no grid options: its times come from "
                                "difflab tune-grid")
-        grid_options = {"times": lookup_tuned(run, sampler, steps)["times"]}
+        grid_options = {"times": lookup_tuned(run, sampler, steps, options)["times"]}
     out = {"sampler": sampler, "steps": steps,
            "grid": grid, "grid_options": grid_options, "options": options,
            "guidance": req.guidance if req.guidance is not None else s.guidance,

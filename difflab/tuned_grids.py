@@ -57,9 +57,11 @@ def save_tuned(file: Path, entry: dict[str, Any]) -> None:
     os.replace(tmp, file)
 
 
-def lookup_tuned(run: LoadedRun, sampler: str, steps: int) -> dict[str, Any]:
+def lookup_tuned(run: LoadedRun, sampler: str, steps: int,
+                 options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The saved entry for ``(sampler, steps)``, or an error saying what exists and how to
-    make the missing one."""
+    make the missing one. A warning says when it was tuned on other weights or with other
+    sampler ``options`` than these."""
     file = tuned_file(run)
     entries = read_tuned(file)
     for e in entries:
@@ -67,6 +69,9 @@ def lookup_tuned(run: LoadedRun, sampler: str, steps: int) -> dict[str, Any]:
             if e.get("step") != run.step:
                 logger.warning("the tuned grid for %s at %d steps was tuned on step %s; "
                                "sampling step %s", sampler, steps, e.get("step"), run.step)
+            if options is not None and e.get("options", {}) != options:
+                logger.warning("the tuned grid for %s at %d steps was tuned with options %s; "
+                               "sampling with %s", sampler, steps, e.get("options"), options)
             return e
     have = ", ".join(f"{e.get('sampler')}:{e.get('steps')}" for e in entries) or "none"
     raise DifflabError(f"no tuned grid for sampler {sampler!r} at {steps} steps in {file} "

@@ -112,3 +112,15 @@ def test_a_broken_tuned_file_is_a_clear_error(tuned_run, tmp_path, capsys):
     assert cli.main(["sample", str(run), "--sampler", "dpmpp_2m", "--steps", "4", "--grid",
                      "tuned", "--out", str(tmp_path / "x.png")]) == 2
     assert "not a difflab tuned-grids file" in capsys.readouterr().err
+
+
+def test_sampling_with_other_options_than_tuned_warns(tuned_run, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="difflab"):
+        generate(SampleRequest(tuned_run, sampler="dpmpp_2m", steps=4, grid="tuned", n=1))
+    assert not [r for r in caplog.records if "tuned with options" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="difflab"):
+        generate(SampleRequest(tuned_run, sampler="dpmpp_2m", steps=4, grid="tuned", n=1,
+                               options={"lower_order_final": False}))
+    assert [r for r in caplog.records if "tuned with options" in r.getMessage()]
