@@ -22,9 +22,13 @@ The adaptive-step DPM-Solver-12/23 built on these steps is in :mod:`difflab.samp
 **The data end.** ``lambda = +inf`` at ``t = 0``. A grid ending at 0 is solved down to its last
 positive time ``t_min``; the last step then returns ``x0_hat`` there (one evaluation: the limit
 ``h -> inf`` of the first-order step, and what DDIM, DDPM and EDM's last Euler step do).
-Multistep solvers on grids of fewer than 10 steps also lower their order at the final steps
-(``lower_order_final``, the DPM-Solver++ authors' recommendation: high orders are unstable for
-the large final steps of short grids).
+Multistep solvers may lower their order at the final steps (``lower_order_final``, the
+DPM-Solver++ authors' device against the instability of high orders at the large final steps
+of short grids). When, and DPM-Solver++(3M)'s weight of its second difference, are defaults
+chosen by measurement against the exact ODE (``benchmarks/sampler_defaults.py``, results in
+``benchmarks/results/sampler_defaults.md``): ``lower_order_final="long_step"`` (lower when the
+last solver step is longer than 1 in ``lambda``) for every multistep solver here, and
+``second_difference="auto"`` for DPM-Solver++(3M).
 """
 
 from __future__ import annotations
@@ -47,9 +51,11 @@ from difflab.samplers.base import (
 )
 from difflab.samplers.exponential import (
     DATA,
+    LOWER_ORDER_FINAL_DOC,
     NOISE,
     Form,
     Node,
+    check_lower_order_final,
     finish,
     first_order,
     hphi,
@@ -215,21 +221,33 @@ def dpmpp_2s(den: DenoiserBase, x: torch.Tensor, grid, *, r: float = 0.5, noise=
 
 
 # ----- multistep -----------------------------------------------------------------------------
-def _multistep(den: DenoiserBase, x, grid, hooks, name: str, order: int, lower_order_final: bool,
-               update: Callable) -> torch.Tensor:
-    """Shared loop: one evaluation per step, history ``[(lambda_j, f_j)]`` newest last."""
+Update = Callable[[torch.Tensor, Node, Node, list], torch.Tensor]
+
+
+def _multistep(den: DenoiserBase, x, grid, hooks, name: str, order: int, lower_order_final,
+               make_update: Callable[[int], Update],
+               orders: Callable[[int], list[int]] | None = None) -> torch.Tensor:
+    """Shared loop: one evaluation per step, history ``[(lambda_j, f_j)]`` newest last.
+
+    ``make_update(n)`` builds the step for a grid of ``n`` solver steps (DPM-Solver++(3M)'s
+    ``second_difference="auto"`` depends on ``n``); ``orders(n)`` replaces the order schedule
+    (for comparisons with other libraries' schedules; ``None``: :func:`step_orders`).
+    """
+    check_lower_order_final(lower_order_final)
     hooks, grid, x, times, to_zero = prepare(den, x, grid, hooks)
     knots, total = nodes(den.path, times), grid.numel() - 1
     n = len(knots) - 1
     if n < order:
         warn_fallback(name, total, n, order)
-    orders = step_orders(order, n, lower_order_final)
+    schedule = (step_orders(order, n, lower_order_final, [k.lam for k in knots])
+                if orders is None else orders(n))
+    update = make_update(n)
     hist: list[tuple[float, torch.Tensor]] = []
     for i in range(n):
         t, s = knots[i], knots[i + 1]
         pred = predict(den, x, t.t, hooks)
         hist = [*hist[-2:], (t.lam, update.form.output(pred))]
-        x = update(x, t, s, hist[-orders[i]:])
+        x = update(x, t, s, hist[-schedule[i]:])
         x = after_step(hooks, i, total, t.t, s.t, x, pred)
     return finish(den, x, times, to_zero, hooks)
 
@@ -270,53 +288,110 @@ def newton_derivatives(hist: list[tuple[float, torch.Tensor]]) -> list[torch.Ten
 @dataclass(frozen=True)
 class _Taylor:
     """The truncated expansion ``x_s = A x_t + C sum_k h^(k+1) phi_(k+1) f^(k)`` (DPM-Solver
-    eq. 3.6 / DPM-Solver++ Sec. 4.1) with derivatives from :func:`newton_derivatives`."""
+    eq. 3.6 / DPM-Solver++ Sec. 4.1) with derivatives from :func:`newton_derivatives`; the
+    ``f''`` term is multiplied by ``d2_weight`` (1: Taylor, 1/2: ``second_difference="half"``).
+    """
 
     form: Form
+    d2_weight: float = 1.0
 
     def __call__(self, x, t: Node, s: Node, hist):
         A, C = self.form.coefs(t, s)
         h, out = s.lam - t.lam, A * x
         for k, d in enumerate(newton_derivatives(hist)):
-            out = out + (C * hphi(k + 1, h, self.form.sign)) * d
+            w = self.d2_weight if k == 2 else 1.0
+            out = out + (w * C * hphi(k + 1, h, self.form.sign)) * d
         return out
 
 
+SECOND_DIFFERENCES = ("auto", "taylor", "half")
+HALF_BELOW = 65  # solver steps: second_difference="auto" uses "half" below, "taylor" from here
+SECOND_DIFFERENCE_DOC = """``second_difference`` weights the ``f''`` term of the third-order step.
+
+With ``d = f[lambda_i, lambda_(i-1), lambda_(i-2)]`` the second divided difference of the last
+three outputs, Taylor's term is ``C h^3 phi_3 f''`` with ``f'' ~ 2 d``:
+
+* ``"taylor"``: ``2 d`` (local error ``O(h^4)``: third order);
+* ``"half"``: ``d``, half the Taylor weight. This is what the DPM-Solver authors' reference
+  code, diffusers (``solver_order=3``) and k-diffusion (``sample_dpmpp_3m_sde``) compute: their
+  ``D2 = h^2 d`` multiplies ``phi_3``'s coefficient as if it were ``h^2 f''``. The local error
+  keeps ``C h^3 phi_3 f'' / 2`` (formally second order), but the term it shrinks is an
+  extrapolation of the history to the new step, whose own error grows with the step; on the
+  oracle problems the half weight was the more accurate up to 50 evaluations (by 10 to 25 %
+  from 8 to 40), the Taylor weight from about 80;
+* ``"auto"``: ``"half"`` on grids of fewer than 65 solver steps, ``"taylor"`` from 65.
+"""
+
+
+def _second_difference(name: str, value: str, form: Form) -> Callable[[int], Update]:
+    if value not in SECOND_DIFFERENCES:
+        raise bad_value("second_difference", value, "one of " + ", ".join(SECOND_DIFFERENCES)
+                        + f" (option of {name})")
+
+    def make(n: int) -> Update:
+        half = value == "half" or (value == "auto" and n < HALF_BELOW)
+        return _Taylor(form, 0.5 if half else 1.0)
+
+    return make
+
+
 @register("dpmpp_2m", stochastic=False, order=2)
-def dpmpp_2m(den: DenoiserBase, x: torch.Tensor, grid, *, lower_order_final: bool = True,
-             noise=None, hooks=None) -> torch.Tensor:
+def dpmpp_2m(den: DenoiserBase, x: torch.Tensor, grid, *,
+             lower_order_final: bool | int | str = "long_step", noise=None,
+             hooks=None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2): data-form multistep, one evaluation per step;
-    the first step is first order (DPM-Solver++1 = DDIM)."""
-    return _multistep(den, x, grid, hooks, "dpmpp_2m", 2, lower_order_final, _Adams2(DATA))
+    the first step is first order (DPM-Solver++1 = DDIM). Default
+    ``lower_order_final="long_step"``: a last solver step longer than 1 in ``lambda`` is
+    DPM-Solver++1's (DDIM's).
+    """
+    return _multistep(den, x, grid, hooks, "dpmpp_2m", 2, lower_order_final,
+                      lambda n: _Adams2(DATA))
 
 
 @register("dpmpp_3m", stochastic=False, order=3)
-def dpmpp_3m(den: DenoiserBase, x: torch.Tensor, grid, *, lower_order_final: bool = True,
+def dpmpp_3m(den: DenoiserBase, x: torch.Tensor, grid, *,
+             lower_order_final: bool | int | str = "long_step", second_difference: str = "auto",
              noise=None, hooks=None) -> torch.Tensor:
     """DPM-Solver++(3M) (Lu et al. 2022b, Sec. 4 / App.): data-form multistep of order 3, the
     derivatives ``x0', x0''`` from the last three evaluations; warm-up at orders 1, 2.
 
     The first-order first step caps the asymptotic order at 2 on a trajectory started where
     ``x0_hat`` moves (SDEdit-style starts); from the prior, where it barely does, the method
-    shows its order 3 (see ``tests/samplers/test_solver_orders.py``)."""
-    return _multistep(den, x, grid, hooks, "dpmpp_3m", 3, lower_order_final, _Taylor(DATA))
+    shows its order 3 with ``second_difference="taylor"`` (see
+    ``tests/samplers/test_solver_orders.py``). Defaults: ``lower_order_final="long_step"``,
+    ``second_difference="auto"`` (the peers' half weight below 65 solver steps).
+    """
+    return _multistep(den, x, grid, hooks, "dpmpp_3m", 3, lower_order_final,
+                      _second_difference("dpmpp_3m", second_difference, DATA))
 
 
 @register("dpm_solver_2m", stochastic=False, order=2)
-def dpm_solver_2m(den: DenoiserBase, x: torch.Tensor, grid, *, lower_order_final: bool = True,
-                  noise=None, hooks=None) -> torch.Tensor:
-    """Multistep DPM-Solver-2 in noise form: Alg. 2 of Lu et al. 2022b applied to ``eps``."""
+def dpm_solver_2m(den: DenoiserBase, x: torch.Tensor, grid, *,
+                  lower_order_final: bool | int | str = "long_step", noise=None,
+                  hooks=None) -> torch.Tensor:
+    """Multistep DPM-Solver-2 in noise form: Alg. 2 of Lu et al. 2022b applied to ``eps``.
+    Default ``lower_order_final="long_step"``."""
     return _multistep(den, x, grid, hooks, "dpm_solver_2m", 2, lower_order_final,
-                      _Adams2(NOISE))
+                      lambda n: _Adams2(NOISE))
 
 
 @register("dpm_solver_3m", stochastic=False, order=3)
-def dpm_solver_3m(den: DenoiserBase, x: torch.Tensor, grid, *, lower_order_final: bool = True,
-                  noise=None, hooks=None) -> torch.Tensor:
+def dpm_solver_3m(den: DenoiserBase, x: torch.Tensor, grid, *,
+                  lower_order_final: bool | int | str = "long_step",
+                  second_difference: str = "taylor", noise=None,
+                  hooks=None) -> torch.Tensor:
     """Multistep DPM-Solver-3 in noise form: eq. 3.6 truncated at ``k = 2`` with ``eps', eps''``
-    from the last three evaluations (warm-up as in :func:`dpmpp_3m`)."""
+    from the last three evaluations (warm-up as in :func:`dpmpp_3m`). Defaults:
+    ``lower_order_final="long_step"``, ``second_difference="taylor"`` (in the noise form the
+    half weight was not the more accurate at any budget measured)."""
     return _multistep(den, x, grid, hooks, "dpm_solver_3m", 3, lower_order_final,
-                      _Taylor(NOISE))
+                      _second_difference("dpm_solver_3m", second_difference, NOISE))
+
+
+for _fn in (dpmpp_2m, dpmpp_3m, dpm_solver_2m, dpm_solver_3m):
+    _fn.__doc__ += "\n" + LOWER_ORDER_FINAL_DOC
+for _fn in (dpmpp_3m, dpm_solver_3m):
+    _fn.__doc__ += "\n" + SECOND_DIFFERENCE_DOC
 
 
 # ----- DPM-Solver++(2M) SDE ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from difflab.denoiser import DenoiserBase
+from difflab.errors import bad_value
 from difflab.paths.base import GaussianPath
 from difflab.prediction import Prediction
 from difflab.samplers.base import (
@@ -26,7 +27,9 @@ from difflab.samplers.base import (
     predict,
 )
 
-LOWER_ORDER_FINAL_BELOW = 10  # solver steps
+LOWER_ORDER_FINAL_BELOW = 10  # solver steps: ``lower_order_final=True`` (DPM-Solver's rule)
+LONG_STEP = 1.0  # ``"long_step"``: a last solver step longer than this in lambda is lowered
+LOWER_ORDER_FINAL_RULES = ("long_step", "always")
 
 
 @dataclass(frozen=True)
@@ -137,11 +140,69 @@ def warn_fallback(name: str, grid_steps: int, solver_steps: int, order: int,
     )
 
 
-def step_orders(order: int, n: int, lower_order_final: bool) -> list[int]:
-    """Order of each of ``n`` multistep steps: warm-up ``min(order, i + 1)`` and, for grids
-    shorter than 10 steps with ``lower_order_final``, ``min(., n - i)`` at the end."""
+LOWER_ORDER_FINAL_DOC = """
+``lower_order_final`` says when the final steps of a multistep solver drop to lower orders (the
+last step to order 1, the one before to at most 2; the final denoising step of a grid ending at
+0 is not one of them):
+
+* ``False`` or ``0``: never; ``True``: on grids of fewer than 10 solver steps (the DPM-Solver
+  authors' rule, difflab's default before the measured defaults); an int ``N``: on grids of
+  fewer than ``N`` solver steps (diffusers' ``lower_order_final`` is ``N = 15`` counted in
+  evaluations, i.e. 15 solver steps on a grid ending at ``t_min``, 14 before a final 0);
+* ``"always"``: on every grid (diffusers' UniPC does this);
+* ``"long_step"``: when the last solver step is longer than 1 in ``lambda`` (``alpha / sigma``
+  grows more than e-fold). Near the data ``x0_hat`` settles like ``e^(-2 lambda)`` (one Gaussian
+  component: ``x0_hat = m + var / (var + rho^2) (y - m)``, ``rho = e^-lambda``), which a
+  polynomial in ``lambda`` extrapolates well only over steps short against that scale; a long
+  last step (grids uniform in ``t`` or Karras' near ``t_min``, short grids) is better taken at
+  low order, a short one (a grid whose final denoising step from ``t = 1 / steps`` is the long
+  one, as diffusers' and DDPM's trailing grids) at full order.
+
+"Solver steps" are the steps between positive times, i.e. the grid's steps less the final
+denoising step when it ends at 0. The defaults were chosen by measurement against the exact ODE
+on Gaussian-mixture oracles (``benchmarks/sampler_defaults.py``).
+"""
+
+
+def check_lower_order_final(value) -> None:
+    """Refuse a ``lower_order_final`` that is not a bool, an int >= 0 or a named rule."""
+    if isinstance(value, bool) or value in LOWER_ORDER_FINAL_RULES:
+        return
+    if isinstance(value, int) and value >= 0:
+        return
+    raise bad_value("lower_order_final", value,
+                    "true, false, an int >= 0 (lower the final steps' order below that many "
+                    "solver steps), 'long_step' or 'always'")
+
+
+def lowers_final(lower_order_final, lams: list[float]) -> bool:
+    """Whether a grid whose solver steps join the half log-SNRs ``lams`` (``n + 1`` nodes for
+    ``n`` steps) lowers the order of its final steps; see ``LOWER_ORDER_FINAL_DOC``."""
+    check_lower_order_final(lower_order_final)
+    n = len(lams) - 1
+    if lower_order_final is True:
+        return n < LOWER_ORDER_FINAL_BELOW
+    if lower_order_final is False:
+        return False
+    if lower_order_final == "always":
+        return True
+    if lower_order_final == "long_step":
+        return n >= 1 and lams[-1] - lams[-2] > LONG_STEP
+    return n < lower_order_final
+
+
+def step_orders(order: int, n: int, lower_order_final=True,
+                lams: list[float] | None = None) -> list[int]:
+    """Order of each of ``n`` multistep steps: warm-up ``min(order, i + 1)`` and, where
+    :func:`lowers_final` says so, ``min(., n - i)`` at the end (the last step order 1, the one
+    before at most 2). ``lams`` (the ``n + 1`` nodes' half log-SNRs) is needed by
+    ``"long_step"`` only."""
     orders = [min(order, i + 1) for i in range(n)]
-    if lower_order_final and n < LOWER_ORDER_FINAL_BELOW:
+    if lams is None:
+        if lower_order_final == "long_step":
+            raise ValueError("step_orders needs the nodes' lams for lower_order_final='long_step'")
+        lams = [0.0] * (n + 1)
+    if lowers_final(lower_order_final, lams):
         orders = [min(k, n - i) for i, k in enumerate(orders)]
     return orders
 

@@ -19,18 +19,38 @@ any grid (on a grid uniform in ``rho`` they are exactly PNDM's: midpoint ``t - d
 step is fourth order. ``plms`` (the PLMS of Latent Diffusion) warms up with one pseudo improved
 Euler step (2 evaluations, second order) and then Adams-Bashforth of orders 2, 3, 4: one
 evaluation per step after the first, but the warm-up limits the global order to 3 (the first
-two steps have local errors ``O(h^3)``). A grid ending at 0 returns ``x0_hat`` at its last
-positive time (one more evaluation).
+two steps have local errors ``O(h^3)``).
+
+**The final step to the data** (``final``, for grids ending at 0). In ``(x / alpha, rho)`` the
+data end is the ordinary point ``rho = 0`` (``alpha = 1``), where DDIM's ODE is as smooth as
+anywhere, so the step into it can be a pseudo linear multistep step like the others:
+
+* ``"multistep"`` (default): Adams-Bashforth weights on the up to four latest evaluations to
+  ``rho = 0``; diffusers' ``PNDMScheduler(set_alpha_to_one=True)`` ends this way;
+* ``"denoise"``: ``x0_hat`` at the last positive time, the transfer with that time's ``eps``
+  alone (a first-order step; what difflab's other solvers do and PNDM here did before).
+
+Both evaluate the model once at the last positive time and nowhere after it: same NFE. With a
+``correct_x0`` hook (thresholding, known pixels) the last step is ``"denoise"``'s: the hook has
+the last word on the sample, as with every other sampler. With
+the default ``set_alpha_to_one=False`` diffusers stops at ``alpha_bar_0`` instead (a grid
+ending at the path's ``t_min``, where ``final`` plays no part). The default was chosen by
+measurement (``benchmarks/sampler_defaults.py``).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
 from difflab.denoiser import DenoiserBase
+from difflab.errors import bad_value
 from difflab.samplers.base import after_step, check_grid, predict, register
 from difflab.samplers.exponential import Node, finish, nodes, prepare, warn_fallback
+
+FINALS = ("multistep", "denoise")
 
 
 def transfer(x: torch.Tensor, eps: torch.Tensor, t: Node, s: Node) -> torch.Tensor:
@@ -85,7 +105,10 @@ def _pseudo_improved_euler(den, hooks, x, t: Node, s: Node):
     return transfer(x, 0.5 * (pred.eps + e2), t, s), pred
 
 
-def _pseudo(den: DenoiserBase, x, grid, hooks, warmup, warmup_steps: int) -> torch.Tensor:
+def _pseudo(den: DenoiserBase, x, grid, hooks, warmup, warmup_steps: int,
+            final: str = "multistep") -> torch.Tensor:
+    if final not in FINALS:
+        raise bad_value("final", final, " or ".join(repr(f) for f in FINALS))
     hooks, grid, x, times, to_zero = prepare(den, x, grid, hooks)
     knots, total = nodes(den.path, times), grid.numel() - 1
     hist: list[tuple[float, torch.Tensor]] = []
@@ -99,25 +122,36 @@ def _pseudo(den: DenoiserBase, x, grid, hooks, warmup, warmup_steps: int) -> tor
             hist = [*hist[-3:], (t.rho, pred.eps)]
             x_next = _linear_multistep(x, hist, t, s)
         x = after_step(hooks, i, total, t.t, s.t, x_next, pred)
+    if to_zero and final == "multistep" and hooks.correct_x0 is None:
+        t, data = knots[-1], Node(grid[-1], 1.0, 0.0, math.inf)  # alpha = 1, rho = 0
+        pred = predict(den, x, t.t, hooks)
+        hist = [*hist[-3:], (t.rho, pred.eps)]
+        n = times.numel()
+        return after_step(hooks, n - 1, n, t.t, 0.0, _linear_multistep(x, hist, t, data), pred)
     return finish(den, x, times, to_zero, hooks)
 
 
 @register("pndm", stochastic=False, order=4)
-def pndm(den: DenoiserBase, x: torch.Tensor, grid, *, noise=None, hooks=None) -> torch.Tensor:
+def pndm(den: DenoiserBase, x: torch.Tensor, grid, *, final: str = "multistep", noise=None,
+         hooks=None) -> torch.Tensor:
     """F-PNDM (Liu et al. 2022, Alg. 2): three pseudo Runge-Kutta steps (eq. 13, 4 evaluations
     each), then the pseudo linear multistep method (eq. 12, 1 evaluation per step); fourth order
-    throughout. Evaluations: ``4 min(n, 3) + max(n - 3, 0)`` for ``n`` positive steps."""
-    return _pseudo(den, x, grid, hooks, _pseudo_runge_kutta, 3)
+    throughout. Evaluations: ``4 min(n, 3) + max(n - 3, 0)`` for ``n`` steps between positive
+    times, plus one for a final step to 0 (``final``: ``"multistep"`` or ``"denoise"``, see the
+    module docstring)."""
+    return _pseudo(den, x, grid, hooks, _pseudo_runge_kutta, 3, final)
 
 
 @register("plms", stochastic=False, order=4)
-def plms(den: DenoiserBase, x: torch.Tensor, grid, *, noise=None, hooks=None) -> torch.Tensor:
+def plms(den: DenoiserBase, x: torch.Tensor, grid, *, final: str = "multistep", noise=None,
+         hooks=None) -> torch.Tensor:
     """PLMS (Liu et al. 2022 eq. 12, as used by Latent Diffusion): one pseudo improved Euler step
     (2 evaluations), then Adams-Bashforth of orders 2, 3 and 4 from the growing history (the
-    lower-order warm start; 1 evaluation per step, ``n + 1`` in all). The 4-step formula is
-    fourth order; the warm start makes the global order 3."""
+    lower-order warm start; 1 evaluation per step, ``n + 1`` in all, one more for a final step
+    to 0). The 4-step formula is fourth order; the warm start makes the global order 3.
+    ``final``: the step to 0 (``"multistep"`` or ``"denoise"``, see the module docstring)."""
     grid = check_grid(grid, den.path)
     n = grid.numel() - 1 - int(float(grid[-1]) == 0.0)
     if n < 4:
         warn_fallback("plms", grid.numel() - 1, n, 4, fallback=max(2, n))
-    return _pseudo(den, x, grid, hooks, _pseudo_improved_euler, 1)
+    return _pseudo(den, x, grid, hooks, _pseudo_improved_euler, 1, final)

@@ -16,7 +16,7 @@ from difflab.errors import DifflabError
 from difflab.paths import EDM, VP
 from difflab.samplers import PerSampleNoise, sample, timesteps
 from difflab.samplers.dpm_solver import newton_derivatives
-from difflab.samplers.exponential import hphi, step_orders
+from difflab.samplers.exponential import hphi, lowers_final, step_orders
 from difflab.testing import CountingDenoiser, GaussianMixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,6 +75,51 @@ def test_step_orders_warm_up_and_lower_the_final_steps():
     assert step_orders(3, 5, True) == [1, 2, 3, 2, 1]
     assert step_orders(3, 5, False) == [1, 2, 3, 3, 3]
     assert step_orders(2, 1, True) == [1]
+    # an int threshold: lower on grids of fewer than that many solver steps (True is 10)
+    assert step_orders(3, 12, 13) == [1, 2] + [3] * 8 + [2, 1]
+    assert step_orders(3, 12, 12) == [1, 2] + [3] * 10
+    assert step_orders(2, 9, 10) == step_orders(2, 9, True) == [1] + [2] * 7 + [1]
+    assert step_orders(3, 5, 0) == step_orders(3, 5, False)
+    assert step_orders(3, 40, "always") == [1, 2] + [3] * 36 + [2, 1]
+
+
+def test_long_step_lowers_when_the_last_step_exceeds_one_in_lambda():
+    even = [0.0, 0.9, 1.8, 2.7]  # steps of 0.9
+    assert not lowers_final("long_step", even)
+    assert lowers_final("long_step", [0.0, 0.9, 1.8, 2.81])  # last step 1.01
+    assert lowers_final("long_step", [0.0, 1.5])  # a single long step
+    assert step_orders(3, 3, "long_step", even) == [1, 2, 3]
+    assert step_orders(3, 3, "long_step", [0.0, 0.5, 1.0, 2.2]) == [1, 2, 1]
+    with pytest.raises(ValueError, match="lams"):
+        step_orders(3, 3, "long_step")
+
+
+@pytest.mark.parametrize("value", ["sometimes", -1, 2.5, None, [10]])
+def test_lower_order_final_is_validated(value):
+    path = VP.discrete_linear()
+    den = smooth_mixture().denoiser(path)
+    for name in ("dpmpp_2m", "dpmpp_3m", "dpm_solver_2m", "dpm_solver_3m", "unipc_bh2"):
+        with pytest.raises(DifflabError, match="lower_order_final=.*'long_step' or 'always'"):
+            sample(name, den, torch.randn(2, 3), timesteps.uniform(path, 6),
+                   lower_order_final=value)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpm_solver_2m"])
+def test_the_default_lowers_a_long_last_step_only(name):
+    """``"long_step"``: on a grid whose last step is longer than 1 in ``lambda`` the run is the
+    lowered one (``lower_order_final="always"``), on one whose steps are all shorter it is the
+    full-order one (``False``)."""
+    path = VP.discrete_linear()
+    den = smooth_mixture().denoiser(path)
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for grid, lowered in ((timesteps.uniform(path, 12, to_zero=False), True),  # h_last ~ 2.5
+                          (timesteps.log_snr(path, 12, to_zero=False), False)):  # h ~ 0.8
+        lam = 0.5 * path.log_snr(grid)
+        assert (float(lam[-1] - lam[-2]) > 1) == lowered
+        ref = sample(name, den, x, grid, lower_order_final="always" if lowered else False)
+        torch.testing.assert_close(sample(name, den, x, grid), ref, rtol=0, atol=0)
+        other = sample(name, den, x, grid, lower_order_final=False if lowered else "always")
+        assert not torch.allclose(other, ref)
 
 
 def test_lower_order_final_ends_with_a_ddim_step():
@@ -82,10 +127,58 @@ def test_lower_order_final_ends_with_a_ddim_step():
     den = smooth_mixture().denoiser(path)
     x = torch.randn(8, 3, dtype=torch.float64) * 80
     grid = timesteps.log_snr(path, 6, t_end=0.05, to_zero=False)
-    got = sample("dpmpp_2m", den, x, grid)
-    head = sample("dpmpp_2m", den, x, grid[:-1], lower_order_final=False)
-    torch.testing.assert_close(got, sample("ddim", den, head, grid[-2:]), rtol=0, atol=1e-12)
+    for lof in (True, "always", "long_step", 7):  # 6 steps of 1.23 in lambda
+        got = sample("dpmpp_2m", den, x, grid, lower_order_final=lof)
+        head = sample("dpmpp_2m", den, x, grid[:-1], lower_order_final=False)
+        torch.testing.assert_close(got, sample("ddim", den, head, grid[-2:]), rtol=0,
+                                   atol=1e-12)
     assert not torch.allclose(got, sample("dpmpp_2m", den, x, grid, lower_order_final=False))
+    assert torch.equal(sample("dpmpp_2m", den, x, grid, lower_order_final=6),
+                       sample("dpmpp_2m", den, x, grid, lower_order_final=False))
+
+
+@pytest.mark.parametrize("name,form", [("dpmpp_3m", "data"), ("dpm_solver_3m", "noise")])
+def test_the_half_second_difference_halves_the_f2_term(name, form):
+    """Three steps at orders 1, 2, 3 (no lowering): the first two are the same for both
+    weights, so the third-step results differ by exactly the ``f''`` term's half,
+    ``C h^3 phi_3 d`` with ``d`` the second divided difference of the three outputs (``C``:
+    ``alpha_s`` in the data form, ``-sigma_s`` in the noise form)."""
+    path = VP.discrete_linear()
+    den = smooth_mixture().denoiser(path)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    grid = timesteps.log_snr(path, 3, t_end=0.2, to_zero=False)
+    runs = {w: sample(name, den, x, grid, lower_order_final=False, second_difference=w)
+            for w in ("taylor", "half")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the truncated grids are short for order 3
+        states = [x] + [sample(name, den, x, grid[: j + 2], lower_order_final=False)
+                        for j in range(2)]
+    out = [den(s, t).x0 if form == "data" else den(s, t).eps for s, t in zip(states, grid)]
+    lam = [float(0.5 * path.log_snr(t)) for t in grid]
+    d = ((out[2] - out[1]) / (lam[2] - lam[1]) - (out[1] - out[0]) / (lam[1] - lam[0])) \
+        / (lam[2] - lam[0])
+    h = lam[3] - lam[2]
+    # h^3 phi_3(z) = (e^z - 1 - z - z^2/2) / sign^3, z = sign h (sign -1: data, +1: noise)
+    sign = -1.0 if form == "data" else 1.0
+    z = sign * h
+    h3phi3 = (math.expm1(z) - z - z * z / 2) * sign**3
+    C = float(path.alpha(grid[3])) if form == "data" else -float(path.sigma(grid[3]))
+    torch.testing.assert_close(runs["taylor"] - runs["half"], C * h3phi3 * d, rtol=0,
+                               atol=1e-13)
+
+
+def test_auto_second_difference_switches_to_taylor_at_65_steps():
+    path = VP.discrete_linear()
+    den = smooth_mixture().denoiser(path)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    for steps, weight in ((64, "half"), (65, "taylor")):
+        grid = timesteps.log_snr(path, steps, to_zero=False)
+        torch.testing.assert_close(sample("dpmpp_3m", den, x, grid),
+                                   sample("dpmpp_3m", den, x, grid, second_difference=weight),
+                                   rtol=0, atol=0)
+    assert sample("dpm_solver_3m", den, x, grid).equal(  # the noise form keeps the Taylor weight
+        sample("dpm_solver_3m", den, x, timesteps.log_snr(path, 65, to_zero=False),
+               second_difference="taylor"))
 
 
 @pytest.mark.parametrize("name,order", [("dpmpp_2m", 2), ("dpmpp_3m", 3),
@@ -110,6 +203,8 @@ def test_bad_options_name_the_argument():
     den = smooth_mixture().denoiser(path)
     x, grid = torch.randn(2, 3), timesteps.uniform(path, 4)
     for name, opts, arg in [("dpm_solver_2", {"r1": 1.5}, "r1"), ("dpmpp_2s", {"r": 0.0}, "r"),
+                            ("dpmpp_3m", {"second_difference": "full"}, "second_difference"),
+                            ("dpm_solver_3m", {"second_difference": 0.5}, "second_difference"),
                             ("dpm_adaptive", {"order": 4}, "order"),
                             ("dpm_adaptive", {"rtol": -1.0}, "rtol")]:
         with pytest.raises(DifflabError, match=arg):

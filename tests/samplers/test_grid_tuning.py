@@ -81,24 +81,41 @@ def oracle():
     return den, path, tune, held, refs
 
 
-@pytest.mark.parametrize("name, gain", [("dpmpp_2m", 2.0), ("unipc_bh2", 1.3), ("ddim", 1.1)])
-def test_tuned_grid_beats_every_fixed_grid_on_held_out_noises(oracle, name, gain):
+# The options of the issue's measurement (the defaults before benchmarks/sampler_defaults.py
+# chose "long_step" and UniPC-2 below 30 steps). The new defaults lower the order of a long last
+# step themselves, which is part of what a tuned grid fixes, so they gain less from tuning.
+BEFORE = {"dpmpp_2m": {"lower_order_final": True},
+          "unipc_bh2": {"order": 3, "corrector_order": 3, "lower_order_final": True}}
+
+
+@pytest.mark.parametrize("name, before, gain, rms_too", [
+    ("dpmpp_2m", True, 2.0, True), ("dpmpp_2m", False, 1.3, True),
+    ("unipc_bh2", True, 1.3, True), ("unipc_bh2", False, 1.08, False),
+    ("ddim", False, 1.1, True)])
+def test_tuned_grid_beats_every_fixed_grid_on_held_out_noises(oracle, name, before, gain,
+                                                             rms_too):
     """At 10 network calls the tuned grid's error is below the best fixed grid's by ``gain``
-    (the issue's 2x for DPM-Solver++(2M); first-order DDIM has less to gain from a grid),
-    measured on noises the search never saw."""
+    (the issue's 2x for DPM-Solver++(2M) with the options it was stated for; first-order DDIM
+    has less to gain from a grid), measured on noises the search never saw. The plain RMS over
+    the batch, which the search does not look at, falls too, except for UniPC with its new
+    defaults: there the error of one held-out sample grows from 0.34 to 0.99 (it ends in
+    another component than the exact solution), which outweighs the gain on all the others."""
     den, path, tune, held, (ref_tune, ref_held) = oracle
+    opts = BEFORE[name] if before else {}
     grids = {k: timesteps.make_grid(k, path, 10, to_zero=False) for k in FIXED}
     grids.update({f"karras[rho={r}]": timesteps.karras(path, 10, rho=r, to_zero=False)
                   for r in (3, 5, 10)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = tune_grid(lambda g: sample(name, den, tune, g), grids, ref_tune, path)
-        fixed = {k: sample_error(sample(name, den, held, g), ref_held) for k, g in grids.items()}
-        out = sample(name, den, held, res.grid)
+        res = tune_grid(lambda g: sample(name, den, tune, g, **opts), grids, ref_tune, path)
+        fixed = {k: sample_error(sample(name, den, held, g, **opts), ref_held)
+                 for k, g in grids.items()}
+        out = sample(name, den, held, res.grid, **opts)
     assert res.error <= min(res.fixed.values())
     assert sample_error(out, ref_held) * gain <= min(fixed.values()), fixed
-    best = min(fixed, key=fixed.get)  # and the plain RMS, which the search did not look at
-    assert rms(out, ref_held) < rms(sample(name, den, held, grids[best]), ref_held)
+    best = min(fixed, key=fixed.get)
+    if rms_too:
+        assert rms(out, ref_held) < rms(sample(name, den, held, grids[best], **opts), ref_held)
 
 
 def test_interrupting_keeps_the_best_grid_so_far():

@@ -64,3 +64,45 @@ def test_plms_warns_once_when_the_grid_is_too_short_and_pndm_never():
         sample("pndm", den, x, timesteps.uniform(path, 2))  # Runge-Kutta: no fallback
     assert [str(w.message).split(" was")[0] for w in caught] == ["plms"]
     assert "given 3 step(s)" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("name", ["pndm", "plms"])
+def test_the_multistep_final_step_integrates_the_noise_interpolant_to_rho_zero(name):
+    """``final="multistep"`` (the default): the step from the last positive time ``t`` into the
+    data is ``x_0 = x_t / alpha_t + int_rho_t^0 p(rho) d rho``, ``p`` the cubic through the last
+    four evaluations ``(rho_j, eps_j)`` at the grid points (DDIM's ODE ``d(x / alpha) = eps
+    d rho`` in ``(x / alpha, rho)``, where ``t = 0`` is the point ``rho = 0``). The expectation
+    is built here from the states on the truncated grids and numpy's polynomials; the NFE is
+    the same as with ``final="denoise"``, which returns ``x0_hat`` at ``t``."""
+    path = VP.discrete_linear()
+    den = GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, -0.5]]), 0.3).denoiser(path)
+    x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grid = torch.linspace(1.0, 0.0, 9, dtype=torch.float64)  # trailing: a long last step
+    positive = grid[:-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the truncated grids are short for PLMS's order
+        states = [sample(name, den, x, positive[: j + 1]) if j else x
+                  for j in range(len(positive))]
+    rhos = [float(path.sigma_ve(t)) for t in positive[-4:]]
+    eps = [den(s, t).eps for s, t in zip(states[-4:], positive[-4:])]
+    integral = torch.zeros_like(x)
+    for j in range(4):  # int_rho_t^0 L_j(rho) d rho, L_j the Lagrange basis of the four rhos
+        others = [r for k, r in enumerate(rhos) if k != j]
+        basis = np.polynomial.Polynomial.fromroots(others) / np.prod([rhos[j] - r for r in others])
+        antider = basis.integ()
+        integral = integral + float(antider(0.0) - antider(rhos[-1])) * eps[j]
+    t_last = positive[-1]
+    expected = states[-1] / float(path.alpha(t_last)) + integral
+    torch.testing.assert_close(sample(name, den, x, grid), expected, rtol=0, atol=1e-12)
+    denoised = sample(name, den, x, grid, final="denoise")
+    torch.testing.assert_close(denoised, den(states[-1], t_last).x0, rtol=0, atol=1e-12)
+    assert float((denoised - expected).abs().max()) > 1e-4  # the two endings differ here
+
+
+def test_final_is_validated():
+    from difflab.errors import DifflabError
+
+    path = VP.discrete_linear()
+    den = GaussianMixture(torch.zeros(1, 2), 0.5).denoiser(path)
+    with pytest.raises(DifflabError, match="final='last'"):
+        sample("pndm", den, torch.randn(2, 2), timesteps.uniform(path, 5), final="last")

@@ -84,13 +84,42 @@ def test_unic_raises_the_order_by_one(problem, name, opts, order):
     assert abs(slope(problem, name, (16, 32, 64), **opts) - order) < 0.3
 
 
+@pytest.mark.parametrize("name,opts,order", [
+    ("unipc_bh2", {"order": 2, "corrector_order": 1}, 2),  # the default pairing at order 2
+    ("unipc_bh2", {"order": 3, "corrector_order": 1}, 2),  # UniC-q: order min(p, q) + 1
+    ("unipc_bh1", {"order": 2, "corrector_order": 3}, 3),  # UniC-3 after UniP-2: still 3
+])
+def test_the_corrector_order_sets_the_order(problem, name, opts, order):
+    assert abs(slope(problem, name, (32, 64, 128), **opts) - order) < 0.3
+
+
 @pytest.mark.parametrize("order", [1, 2, 3])
-def test_the_corrector_makes_every_order_more_accurate(problem, order):
+@pytest.mark.parametrize("corrector_order", [None, "order"])
+def test_the_corrector_makes_every_order_more_accurate(problem, order, corrector_order):
     den, x, ref = problem
+    q = order if corrector_order == "order" else None
     grid = timesteps.log_snr(den.path, 64, t_end=0.1, to_zero=False)
-    err = {c: float((sample("unipc_bh2", den, x, grid, order=order, corrector=c) - ref).norm())
-           for c in (True, False)}
+    err = {c: float((sample("unipc_bh2", den, x, grid, order=order, corrector=c,
+                            corrector_order=q) - ref).norm()) for c in (True, False)}
     assert err[True] < err[False] / 2, err
+
+
+def test_the_defaults(problem):
+    """UniC one order below UniP (at least 1); bh2's order 2 below 30 solver steps, 3 from 30;
+    bh1's 3; ``lower_order_final="long_step"``."""
+    den, x, _ = problem
+    for name, steps, p in (("unipc_bh1", 10, 3), ("unipc_bh2", 29, 2), ("unipc_bh2", 30, 3)):
+        grid = timesteps.log_snr(den.path, steps, t_end=0.1, to_zero=False)
+        torch.testing.assert_close(
+            sample(name, den, x, grid),
+            sample(name, den, x, grid, order=p, corrector_order=p - 1,
+                   lower_order_final="long_step"), rtol=0, atol=0)
+    grid = timesteps.log_snr(den.path, 8, t_end=0.1, to_zero=False)
+    torch.testing.assert_close(sample("unipc_bh2", den, x, grid, order=1),
+                               sample("unipc_bh2", den, x, grid, order=1, corrector_order=1),
+                               rtol=0, atol=0)
+    assert not torch.allclose(sample("unipc_bh1", den, x, grid),
+                              sample("unipc_bh1", den, x, grid, corrector_order=3))
 
 
 def test_too_short_grid_warns_once_and_bad_order_is_rejected(problem):
@@ -103,3 +132,8 @@ def test_too_short_grid_warns_once_and_bad_order_is_rejected(problem):
     assert len(ours) == 1 and "given 3 step(s)" in str(ours[0].message)
     with pytest.raises(DifflabError, match="order"):
         sample("unipc_bh2", den, x, timesteps.uniform(den.path, 4), order=4)
+    for opts, arg in (({"corrector_order": 0}, "corrector_order"),
+                      ({"corrector_order": True}, "corrector_order"),
+                      ({"order": 2.0}, "order")):
+        with pytest.raises(DifflabError, match=arg):
+            sample("unipc_bh1", den, x, timesteps.uniform(den.path, 4), **opts)
