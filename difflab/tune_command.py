@@ -92,6 +92,10 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
     print(f"tuned is {err['gain']:.2f}x lower than {err['best_fixed']}; the reference's own "
           f"error {err['reference']:.1e}; {entry['search']['solves']} solves, "
           f"{entry['seconds']['total']:.0f} s", file=sys.stderr)
+    if err["gain"] <= 1.0:
+        print(f"warning: on the held-out noises the tuned grid is no better than "
+              f"{err['best_fixed']}: sample with that grid instead (or tune on more noises, "
+              f"--n)", file=sys.stderr)
     if entry["search"]["interrupted"]:
         print("interrupted: saved the best grid found so far", file=sys.stderr)
     print(f"saved to {file}; sample with --sampler {args.sampler} --steps {steps} --grid tuned",
