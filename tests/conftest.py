@@ -8,6 +8,7 @@ here only build inputs; nothing in them computes an expected value.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,32 @@ def pytest_configure(config):
     the cores (the oracle's tiny tensors were ~15x slower with two threads each).
     """
     torch.set_num_threads(1)
+
+
+# A tiny DDPM run on the 8x8 digits, trained through the CLI: the CLI and run-level tests need
+# a real run folder and not a good model.
+TINY_RUN = ["model.preset='tiny'", "model.model_channels=8", "model.num_heads=1",
+            "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=2",
+            "train.tensorboard=false", "sample.steps=3", "train.steps=2"]
+
+
+@pytest.fixture(scope="session")
+def train_tiny_run(tmp_path_factory) -> Callable[..., Path]:
+    """``train_tiny_run(name, *sets)``: train ``configs/ddpm_digits.toml`` two steps with
+    ``TINY_RUN`` and the extra ``--set`` items into a fresh folder; returns the run folder."""
+    from difflab import cli
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "ddpm_digits.toml"
+
+    def train(name: str, *sets: str) -> Path:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        out = tmp_path_factory.mktemp(name) / "run"
+        args = [a for item in (*TINY_RUN, *sets) for a in ("--set", item)]
+        try:
+            assert cli.main(["train", str(config), "--out", str(out), *args]) == 0
+        finally:
+            torch.set_num_threads(before)
+        return out
+
+    return train

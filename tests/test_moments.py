@@ -16,13 +16,6 @@ from difflab.errors import DifflabError
 from difflab.paths import VP
 from difflab.samplers import analytic, timesteps
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.preset='tiny'", "model.model_channels=8", "model.num_heads=1",
-    "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=2",
-    "train.tensorboard=false", "data.holdout_fraction=0.96", "sample.steps=3",
-]
-
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -64,13 +57,8 @@ def test_conditional_gamma_matches_its_closed_form():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("moments") / "run"
-    sets = [a for item in (*TINY, "train.steps=2") for a in ("--set", item)]
-    assert cli.main(["train", str(REPO / "configs" / "ddpm_digits.toml"), "--out", str(out),
-                     *sets]) == 0
-    return out
+def run(train_tiny_run) -> Path:
+    return train_tiny_run("moments", "data.holdout_fraction=0.96")
 
 
 def pixels(file: Path) -> bytes:

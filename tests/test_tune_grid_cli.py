@@ -14,19 +14,10 @@ from difflab import cli
 from difflab.grid_tuning import TUNED_FILE
 from difflab.sampling import SampleRequest, generate
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.preset='tiny'", "model.model_channels=8", "model.num_heads=1",
-        "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=2",
-        "train.tensorboard=false", "data.holdout_fraction=0.96", "sample.steps=3"]
-
 
 @pytest.fixture(scope="module")
-def tuned_run(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("tune") / "run"
-    args = [a for item in (*TINY, "train.steps=2") for a in ("--set", item)]
-    assert cli.main(["train", str(REPO / "configs" / "ddpm_digits.toml"), "--out", str(out),
-                     *args]) == 0
+def tuned_run(train_tiny_run) -> Path:
+    out = train_tiny_run("tune", "data.holdout_fraction=0.96")
     assert cli.main(["tune-grid", str(out), "--sampler", "dpmpp_2m", "--nfe", "4", "--n", "4",
                      "--val-n", "4", "--ref-steps", "20", "--sweeps", "1",
                      "--threads", "1"]) == 0

@@ -7,29 +7,16 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from difflab import cli
 from difflab.evaluation import command
 from difflab.evaluation.metrics import Score
 from difflab.evaluation.report import KID_NOTE, read_report, write_comparison, write_report
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "model.preset='tiny'", "model.model_channels=8", "model.num_heads=1",
-    "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=2",
-    "train.tensorboard=false", "data.holdout_fraction=0.5", "sample.steps=3",
-]
-
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("nll") / "run"
-    sets = [a for item in (*TINY, "train.steps=2") for a in ("--set", item)]
-    assert cli.main(["train", str(REPO / "configs" / "ddpm_digits.toml"), "--out", str(out),
-                     *sets]) == 0
-    return out
+def run(train_tiny_run) -> Path:
+    return train_tiny_run("nll", "data.holdout_fraction=0.5")
 
 
 def test_nll_alone_draws_no_samples_and_says_it_is_a_bound(run, tmp_path, monkeypatch, capsys):
