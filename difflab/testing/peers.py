@@ -49,6 +49,7 @@ from difflab.denoiser import DenoiserBase
 from difflab.errors import DifflabError
 from difflab.paths.base import GaussianPath
 from difflab.paths.vp import VP, DiscreteVP
+from difflab.prediction import Prediction
 
 K_DIFFUSION_PIN = "k-diffusion==0.1.1.post1"
 K_DIFFUSION_INSTALL = f"pip install --no-deps {K_DIFFUSION_PIN}"
@@ -257,8 +258,10 @@ def _per_step(kwargs: dict, i: int) -> dict:
     return {k: (v[i] if isinstance(v, list | tuple) else v) for k, v in kwargs.items()}
 
 
-def _network_output(sched, kind: str, pred, latents: torch.Tensor, rho) -> torch.Tensor:
-    """What ``sched.step`` expects as the model output for the exact prediction ``pred``."""
+def _network_output(sched, kind: str, pred, latents: torch.Tensor, rho,
+                    sigma_space: bool) -> torch.Tensor:
+    """What ``sched.step`` expects as the model output for the exact prediction ``pred``
+    (``latents``: the scheduler's state, ``x / alpha`` for a sigma-space one)."""
     if hasattr(sched, "precondition_outputs"):
         # EDM schedulers: x0 = c_skip latents + c_out F, affine in the raw output F
         sigma = torch.as_tensor(rho, dtype=torch.float64)
@@ -266,9 +269,11 @@ def _network_output(sched, kind: str, pred, latents: torch.Tensor, rho) -> torch
         slope = sched.precondition_outputs(torch.zeros_like(latents), torch.ones_like(latents),
                                            sigma)
         return (pred.x0 - base) / slope
-    if kind == "v":  # with the scheduler's VP coefficients
-        a_vp = _vp_alpha(rho)
-        return a_vp * pred.eps - (float(rho) * a_vp) * pred.x0
+    if kind == "v":  # v of the scheduler's own VP schedule at this noise level, not den.path's
+        vp = difflab_path_for(sched)
+        t = time_of_rho(vp, rho).expand(latents.shape[0])
+        x_vp = latents * _vp_alpha(rho) if sigma_space else latents
+        return Prediction.from_x0(pred.x0, x_vp, t, vp).v
     return pred.as_kind(kind)
 
 
@@ -326,7 +331,7 @@ def run_diffusers(scheduler, den: DenoiserBase, x: torch.Tensor, steps: int,
             sched.scale_model_input(latents, timestep)  # what a pipeline calls (some record it)
             rho = _current_rho(sched, timestep)
             pred = den(latents * to_path(rho), time_of_rho(path, rho))
-            out = _network_output(sched, kind, pred, latents, rho)
+            out = _network_output(sched, kind, pred, latents, rho, sigma_space)
             latents = sched.step(out, timestep, latents, **_per_step(step_kwargs, i)).prev_sample
         return latents * to_path(_last_rho(sched))
 
