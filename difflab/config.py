@@ -144,7 +144,10 @@ class TaskConfig(Section):
     output scalings), ``cond`` (``none``, ``class``: labels with a null class, ``text``:
     captions through ``[text_encoder]``), ``p_uncond`` (condition dropout for
     classifier-free guidance, Ho & Salimans 2022, Alg. 1) and ``concat`` (``depth``: the data's
-    depth maps joined to the network input, as SD 2's depth model takes them)."""
+    depth maps joined to the network input, as SD 2's depth model takes them). The residual task
+    (SN- / NPR-DPM's second head, :mod:`difflab.tasks.residual`) reads ``base`` (the frozen
+    diffusion run whose noise predictor it completes) and ``init`` (``base``: start from the
+    base network's weights with a zeroed output layer; ``scratch``: ``[model]``'s network)."""
 
     kind: str = "diffusion"
     prediction: Literal["eps", "x0", "v", "score", "velocity"] = "eps"
@@ -153,6 +156,8 @@ class TaskConfig(Section):
     cond: Literal["none", "class", "text"] = "none"
     p_uncond: float = Field(default=0.0, ge=0, lt=1)
     concat: Literal["none", "depth"] = "none"
+    base: str | None = None
+    init: Literal["base", "scratch"] = "base"
 
     @model_validator(mode="after")
     def _check_kind(self) -> TaskConfig:

@@ -31,12 +31,17 @@ from difflab.objectives.vlb import (
 from difflab.paths.base import GaussianPath, expand_like
 from difflab.paths.vp import DiscreteVP
 from difflab.prediction import Prediction
-from difflab.samplers.analytic import AnalyticMoments, optimal_variance, variance_bounds
+from difflab.samplers.analytic import (
+    AnalyticMoments,
+    optimal_variance,
+    residual_variance,
+    variance_bounds,
+)
 from difflab.samplers.base import check_grid
 from difflab.samplers.sde import FlowVariable, check_method, solve_flow
 
 LN2 = math.log(2.0)
-VLB_VARIANCES = ("small", "large", "learned", "analytic")
+VLB_VARIANCES = ("small", "large", "learned", "analytic", "npr", "sn")
 PROBES = ("rademacher", "gaussian")
 DIVERGENCES = ("exact", "hutchinson")
 
@@ -105,6 +110,23 @@ def _analytic_log_var(pred: Prediction, t, s, moments: AnalyticMoments,
     return floor.clamp_min(math.log(var)) if var > 0 else floor
 
 
+def _residual_log_var(pred: Prediction, t, s, head, second: bool,
+                      data_range: tuple[float, float]) -> torch.Tensor:
+    """SN-/NPR-DPM's per-element ``log var*`` of the step ``t -> s`` (Bao et al. 2022b, eq. 9-10,
+    clipped by Analytic-DPM's Thm. 2); at ``s = 0`` the decoder's ``(sigma_t / alpha_t)^2`` times
+    the head's ``Cov[eps | x_t]``, floored by DDPM's decoder variance as for ``analytic``."""
+    path = pred.path
+    if float(s) > 0:
+        var = residual_variance(path, 1.0, data_range, head, second)(pred, t, s)
+        return torch.log(var)
+    out = head(pred.x_t, pred.t)
+    cov = (out - pred.eps**2 if second else out).clamp_min(0.0)
+    _, hi = variance_bounds(path, t, 0.0, 1.0, data_range)
+    var = (float(path.sigma_ve(t)) ** 2 * cov).clamp(max=hi)
+    floor = reverse_log_variance(pred, 0.0, "small")
+    return torch.maximum(floor, torch.log(var.clamp_min(1e-300)))
+
+
 def _step_term(pred: Prediction, x0: torch.Tensor, s, log_var_p: torch.Tensor, bins: int,
                data_range: tuple[float, float]) -> torch.Tensor:
     """One term of the bound in nats ``(B,)``: the Gaussian KL for ``s > 0``, else the decoder."""
@@ -155,7 +177,7 @@ def _check_vlb(den: DenoiserBase, x0: torch.Tensor, variance: str, moments, grid
 
 @torch.no_grad()
 def vlb(den: DenoiserBase, x0: torch.Tensor, *, grid=None, variance: str = "small",
-        moments: AnalyticMoments | None = None, bins: int = 256,
+        moments: AnalyticMoments | None = None, residual=None, bins: int = 256,
         data_range: tuple[float, float] = (-1.0, 1.0),
         generator: torch.Generator | None = None, clip_x0: bool = False) -> LikelihoodResult:
     """The discrete variational bound in bits/dim (Ho et al. 2020, eq. 5; iDDPM eq. 4-6).
@@ -173,7 +195,9 @@ def vlb(den: DenoiserBase, x0: torch.Tensor, *, grid=None, variance: str = "smal
         grid: from ``t_max`` down to 0 (default: every step of a discrete path).
         variance: ``small``, ``large``, ``learned`` (discrete paths only; see
             :func:`difflab.objectives.vlb.reverse_log_variance` for the last-step convention) or
-            ``analytic`` (with ``moments``).
+            ``analytic`` (with ``moments``), or ``npr`` / ``sn`` (SN-/NPR-DPM's per-element
+            variance, with ``residual``).
+        residual: the head of ``npr`` / ``sn``, ``(x_t, t) -> Tensor``.
         clip_x0: clip ``x0_hat`` to ``data_range`` in every mean (as the samplers'
             ``clip_x0`` and improved DDPM's ``clip_denoised``). The bound stays a bound, on the
             reverse chain with clipped means. Without clipping, an ``eps`` model's ``x0_hat =
@@ -184,6 +208,10 @@ def vlb(den: DenoiserBase, x0: torch.Tensor, *, grid=None, variance: str = "smal
     """
     x0 = check_x0(x0)
     grid = _check_vlb(den, x0, variance, moments, grid, data_range)
+    if variance in ("npr", "sn") and not callable(residual):
+        raise DifflabError(f"variance={variance!r} needs residual=HEAD, a (x_t, t) -> Tensor "
+                           f"trained with ResidualLoss(head, kind={variance!r}) (a residual "
+                           "run: difflab.tasks.residual.residual_head(RUN, path, kind))")
     path = den.path
     prior = prior_kl(path, x0).double()
     kls, decoder = [], None
@@ -195,6 +223,8 @@ def vlb(den: DenoiserBase, x0: torch.Tensor, *, grid=None, variance: str = "smal
             pred = replace(pred, x0=pred.x0.clamp(*data_range))
         if variance == "analytic":
             log_var = _analytic_log_var(pred, t, s, moments, data_range)
+        elif variance in ("npr", "sn"):
+            log_var = _residual_log_var(pred, t, s, residual, variance == "sn", data_range)
         else:
             log_var = reverse_log_variance(pred, s, variance)
         term = _step_term(pred, x0, s, log_var, bins, data_range).double()

@@ -458,7 +458,10 @@ def sampler_inputs(run: LoadedRun, st: dict[str, Any]) -> tuple[dict[str, Any], 
     from difflab.samplers import get_sampler
 
     options = st["options"]
-    if "moments" not in get_sampler(st["sampler"]).needs_extra:
+    needs = get_sampler(st["sampler"]).needs_extra
+    if "residual" in needs:
+        return {**options, "residual": _residual_option(run, st)}, None
+    if "moments" not in needs:
         return options, None
     from difflab import moments
 
@@ -471,6 +474,23 @@ def sampler_inputs(run: LoadedRun, st: dict[str, Any]) -> tuple[dict[str, Any], 
     mom, file = moments.run_moments(run, t_grid, condition="data", batch_size=st["batch_size"],
                                     what=f"sampler {st['sampler']!r}")
     return {**options, "moments": mom}, None if file is None else str(file)
+
+
+def _residual_option(run: LoadedRun, st: dict[str, Any]):
+    """SN-/NPR-DPM's head: ``options["residual"]`` names a residual run (loaded and checked
+    against the run's path and the sampler's kind) or is already a callable."""
+    from difflab.tasks.residual import residual_head
+
+    given = st["options"].get("residual")
+    kind = st["sampler"].split("_")[0]
+    if given is None:
+        raise DifflabError(f"sampler {st['sampler']!r} takes its reverse variance from a trained "
+                           f"residual head: give --option residual=RUN (a task.kind='residual' "
+                           f"run with objective.kind={kind!r} on this run; "
+                           "configs/npr_mnist.toml trains one)")
+    if callable(given):
+        return given
+    return residual_head(given, run.path, kind, device=next(run.net.parameters()).device)
 
 
 class _CountCalls:

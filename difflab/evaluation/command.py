@@ -39,6 +39,7 @@ class Setting:
     steps: int
     spec: str | None = None
     grid: str | None = None  # None: the path's default grid ("auto")
+    options: tuple[tuple[str, object], ...] = ()  # sampler options of --option
 
     @property
     def label(self) -> str:
@@ -156,6 +157,7 @@ def request_for(run: EvalRun, setting: Setting, n: int, seed: int, batch_size: i
         return SampleRequest(run.loaded, n=n, seed=seed, batch_size=batch_size)
     return SampleRequest(run.loaded, sampler=setting.sampler, steps=setting.steps,
                          grid=setting.grid, guidance=setting.spec or "none", n=n, seed=seed,
+                         options=dict(setting.options) or None,
                          batch_size=batch_size, clip_x0=clip_x0,
                          progress=f"sampling {setting.slug}" if progress else None)
 
@@ -213,7 +215,8 @@ def cached_samples(run: EvalRun, setting: Setting, n: int, seed: int, batch_size
 
 
 def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = None,
-               variance: str | None = None, clip_x0: bool | None = None) -> dict:
+               variance: str | None = None, clip_x0: bool | None = None,
+               residual: str | None = None) -> dict:
     """Bits/dim of ``n`` real images from :mod:`difflab.likelihood`, or ``{"value": None,
     "note": why}``.
 
@@ -255,6 +258,17 @@ def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = Non
                 "expectation over the dequantization noise, up to the ODE solver's tolerance"}
     from difflab.samplers.timesteps import discrete
 
+    head = None
+    if variance in ("npr", "sn"):
+        from difflab.tasks.residual import residual_head
+
+        if residual is None:
+            raise DifflabError(f"--nll-variance {variance} takes the variance from a residual "
+                               "head: give --nll-residual RUN (configs/npr_mnist.toml)")
+        head = residual_head(residual, den.path, variance,
+                             device=next(run.loaded.net.parameters()).device)
+    elif residual is not None:
+        raise DifflabError("--nll-residual applies to --nll-variance npr or sn")
     if variance is None:
         variance = "learned" if getattr(den, "learned_variance", False) else "small"
     grid = (lk.default_vlb_grid(den.path) if steps is None
@@ -266,8 +280,8 @@ def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = Non
         moments, moments_file = run_moments(run.loaded, grid, condition="null",
                                             what="--nll-variance analytic")
     clip = run.config.sample.clip_x0 if clip_x0 is None else clip_x0
-    res = lk.vlb(den, x, grid=grid, variance=variance, moments=moments, generator=g,
-                 clip_x0=clip)
+    res = lk.vlb(den, x, grid=grid, variance=variance, moments=moments, residual=head,
+                 generator=g, clip_x0=clip)
     s = res.summary()
     k, total = grid.numel() - 1, den.path.N
     how = VLB_VARIANCE_NAMES.get(variance, variance)
@@ -285,6 +299,8 @@ def likelihood(run: EvalRun, real: torch.Tensor, n: int, steps: int | None = Non
            "clip_x0": bool(clip), "note": note}
     if moments_file is not None:
         out["moments"] = str(moments_file)
+    if residual is not None:
+        out["residual"] = str(residual)
     return out
 
 
@@ -293,6 +309,8 @@ VLB_VARIANCE_NAMES = {
     "large": "DDPM's beta",
     "learned": "improved DDPM's learned interpolation, eq. 15",
     "analytic": "Analytic-DPM's optimal variance from the estimated Gamma_t",
+    "npr": "NPR-DPM's per-element optimal variance from the noise-residual head",
+    "sn": "SN-DPM's per-element optimal variance from the squared-noise head",
 }
 
 
@@ -325,6 +343,10 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         if "nll" not in metrics:
             raise DifflabError(f"--nll-variance {nll_variance} sets the variance of the NLL's "
                                "bound: add nll to --metrics")
+    if getattr(args, "nll_residual", None) is not None and nll_variance not in ("npr", "sn"):
+        raise DifflabError("--nll-residual RUN is the head of --nll-variance npr or sn: add "
+                           "one of them")
+    options = sampler_options(samplers, getattr(args, "option", None) or [])
     feature_metrics = [m for m in metrics if m != "nll"]
     output_folder("--out", args.out)
     run = load_run(args.run, args.checkpoint)
@@ -363,7 +385,8 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         held = build_held_out(run.config)
         nll_data = dataset_tensors(data if held is None else held)[0]
         report["likelihood"] = likelihood(run, nll_data, args.nll_n, args.nll_steps,
-                                          nll_variance, getattr(args, "clip_x0", None))
+                                          nll_variance, getattr(args, "clip_x0", None),
+                                          getattr(args, "nll_residual", None))
         report["likelihood"]["data"] = ("training images (the run holds none out)"
                                         if held is None else "held-out images")
     if feature_metrics:
@@ -371,10 +394,31 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         for (sampler, steps, grid) in samplers:
             for guidance in guidances:
                 report["settings"].append(_evaluate_setting(
-                    run, Setting(sampler, steps, guidance, grid), ref, feature_metrics, args,
-                    out_dir))
+                    run, Setting(sampler, steps, guidance, grid, options.get(sampler, ())),
+                    ref, feature_metrics, args, out_dir))
     write_report(report, out_dir)
     return report
+
+
+def sampler_options(samplers: list[tuple[str, int, str | None]], items: list[str]
+                    ) -> dict[str, tuple[tuple[str, object], ...]]:
+    """``--option KEY=VALUE`` items, given to each sampler of ``--samplers`` that takes ``KEY``
+    (e.g. ``residual=RUN`` for npr_ddpm, ``eta=0.5`` for ddim); a key no listed sampler takes
+    is an error."""
+    from difflab.argtypes import key_value
+    from difflab.samplers import get_sampler
+
+    pairs = [key_value(item) for item in items]
+    out: dict[str, tuple[tuple[str, object], ...]] = {}
+    for key, _ in pairs:
+        if not any(key in get_sampler(name).options() for name, _, _ in samplers):
+            names = sorted({name for name, _, _ in samplers})
+            raise DifflabError(f"--option {key}=...: none of the samplers {', '.join(names)} "
+                               "takes it (difflab samplers lists each one's options)")
+    for name, _, _ in samplers:
+        accepted = get_sampler(name).options() if name != "one_pass" else []
+        out[name] = tuple((k, v) for k, v in pairs if k in accepted)
+    return out
 
 
 def _native_data(name: str, cfg, data):
@@ -558,9 +602,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "loosens as the steps fall")
     p.add_argument("--nll-variance", default=None, metavar="|".join(VLB_VARIANCES),
                    help="reverse variance of the VLB: small (beta_tilde), large (beta), "
-                   "learned (improved DDPM) or analytic (Analytic-DPM, Gamma_t estimated from "
-                   "the training data and cached in RUN/moments; tight at few steps); default "
-                   "learned for a model that learns it, else small")
+                   "learned (improved DDPM), analytic (Analytic-DPM, Gamma_t estimated from "
+                   "the training data and cached in RUN/moments; tight at few steps) or npr / "
+                   "sn (SN-/NPR-DPM, with --nll-residual); default learned for a model that "
+                   "learns it, else small")
+    p.add_argument("--nll-residual", default=None, metavar="RUN",
+                   help="the residual run (task.kind='residual') of --nll-variance npr / sn")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="sampler option for every sampler of --samplers that takes it, e.g. "
+                   "residual=RUN for npr_ddpm or eta=0.5 for ddim (repeatable)")
     p.add_argument("--kid-subsets", type=positive_int, default=100,
                    help="KID subsets (default 100)")
     p.add_argument("--batch-size", type=positive_int, default=256)

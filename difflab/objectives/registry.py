@@ -16,6 +16,7 @@ from difflab.objectives.baselines import _elbo, _gan
 from difflab.objectives.classifier import _classifier
 from difflab.objectives.contrastive import _contrastive
 from difflab.objectives.denoising import DenoisingLoss, dsm_loss, edm_loss, flow_matching_loss
+from difflab.objectives.residual import ResidualLoss
 from difflab.objectives.time import optional_time_sampler as _sampler
 from difflab.objectives.vlb import HybridLoss
 
@@ -53,12 +54,19 @@ def _hybrid(*, lam: float = 0.001) -> HybridLoss:
     return HybridLoss(lam=lam)
 
 
+def _residual(*, kind: str = "npr", time_sampler: str | None = None,
+              t_min: float | None = None, t_max: float | None = None) -> ResidualLoss:
+    sampler = _sampler(time_sampler, t_min=t_min, t_max=t_max)
+    return ResidualLoss(None, kind=kind, time_sampler=sampler)
+
+
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "denoising": _denoising,
     "dsm": _dsm,
     "flow_matching": _flow_matching,
     "edm": _edm,
     "hybrid": _hybrid,
+    "residual": _residual,
     "classifier": _classifier,
     "contrastive": _contrastive,
     "autoencoder": _autoencoder,
@@ -86,7 +94,9 @@ def build_objective(name: str, **kwargs) -> Objective:
     * ``dsm``: time_sampler and its options, reduce;
     * ``flow_matching``: time_sampler (default ``uniform``) and its options, reduce;
     * ``edm``: p_mean, p_std, sigma_data, reduce;
-    * ``hybrid``: lam.
+    * ``hybrid``: lam;
+    * ``residual``: kind (``npr`` | ``sn``, Bao et al. 2022b eq. 9-10), time_sampler and its
+      t_min, t_max (the head is bound by the residual task).
     """
     factory = _factory(name)
     accepted = objective_options(name)

@@ -73,13 +73,19 @@ class ResidualLoss:
         time_sampler: a TimeSampler, a name, or None for the path's default.
     """
 
-    def __init__(self, head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    def __init__(self, head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
                  kind: str = "npr", time_sampler: TimeSampler | str | None = None) -> None:
         if kind not in KINDS:
             raise bad_value("kind", kind, "'npr' (noise residual) or 'sn' (squared noise)")
         self.head = head
         self.kind = kind
         self.time_sampler = time_sampler
+
+    def with_head(self, head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                  ) -> ResidualLoss:
+        """The same loss for another head (a training task binds the prepared network at
+        every step; ``[objective] name = "residual"`` builds the loss without one)."""
+        return ResidualLoss(head, self.kind, self.time_sampler)
 
     def __call__(self, den: DenoiserBase, x0: torch.Tensor, cond: Cond | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -93,6 +99,9 @@ class ResidualLoss:
     def loss_at(self, den: DenoiserBase, x0: torch.Tensor, t: torch.Tensor,
                 eps: torch.Tensor) -> torch.Tensor:
         """The loss at given times and noise (no randomness)."""
+        if self.head is None:
+            raise DifflabError("ResidualLoss has no head: build it with one, or bind one with "
+                               "loss.with_head(head)")
         x_t = den.path.add_noise(x0, eps, t)
         if self.kind == "npr":
             with torch.no_grad():

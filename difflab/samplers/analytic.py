@@ -55,6 +55,7 @@ __all__ = [
     "estimate_gamma",
     "npr_ddpm",
     "optimal_variance",
+    "residual_variance",
     "sn_ddpm",
     "variance_bounds",
 ]
@@ -358,7 +359,9 @@ def analytic_ddim(den: DenoiserBase, x: torch.Tensor, grid, *,
 Residual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _residual_variance(path: GaussianPath, eta: float, data_range, head: Residual, second: bool):
+def residual_variance(path: GaussianPath, eta: float, data_range, head: Residual, second: bool):
+    """``variance(pred, t, s)``: SN-/NPR-DPM's per-element variance of the step ``t -> s``
+    (``second``: SN's ``g - eps_hat^2``, else NPR's ``h``), clipped to Thm. 2's bounds."""
     def variance(pred, t, s):
         lam2, _, c = family_coefficients(path, t, s, eta)
         lo, hi = variance_bounds(path, t, s, eta, data_range)
@@ -381,7 +384,7 @@ def _residual(name, den, x, grid, residual, eta, data_range, clip_pixels, noise,
     residual = _need(name, "residual", residual,
                      f"a function (x_t, t) -> E[{'eps^2' if second else '(eps - eps_hat)^2'} | x_t]"
                      f", e.g. a ResidualHead trained with ResidualLoss(head, kind={kind!r})")
-    var = _residual_variance(den.path, eta, data_range, residual, second)
+    var = residual_variance(den.path, eta, data_range, residual, second)
     return _reverse_loop(den, x, grid, var, eta, clip_pixels, noise, hooks)
 
 

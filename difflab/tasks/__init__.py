@@ -12,7 +12,9 @@ A task (:class:`~difflab.tasks.base.TrainingTask`) turns a validated config into
 
 ``[task] kind`` names the task; built in: ``diffusion`` (DDPM / DDIM / score / EDM / flow
 training, :mod:`difflab.tasks.diffusion`), ``classifier`` (ADM's noise-aware classifier) and
-``contrastive`` (a noise-aware image-text alignment model), :mod:`difflab.tasks.noisy`.
+``contrastive`` (a noise-aware image-text alignment model), :mod:`difflab.tasks.noisy`, and
+``residual`` (SN- / NPR-DPM's variance head of a frozen diffusion run),
+:mod:`difflab.tasks.residual`.
 A new task is a subclass registered with :func:`register_task`.
 """
 
@@ -26,7 +28,7 @@ __all__ = ["TASKS", "get_task", "make_task", "register_task"]
 
 TASKS: dict[str, type] = {}
 _BUILTIN = ("difflab.tasks.diffusion", "difflab.tasks.noisy", "difflab.tasks.autoencoder",
-            "difflab.baselines.tasks")
+            "difflab.tasks.residual", "difflab.baselines.tasks")
 _LOADED = False
 
 

@@ -42,7 +42,7 @@ def net(x, t_in, cond):
 
 def test_registry_names():
     assert set(OBJECTIVES) == {"denoising", "dsm", "flow_matching", "edm", "hybrid", "classifier",
-                               "contrastive", "autoencoder", "elbo", "gan"}
+                               "contrastive", "autoencoder", "elbo", "gan", "residual"}
 
 
 def test_denoising_options_reach_the_loss():
