@@ -18,9 +18,11 @@ settings reuses them), FID and KID against the run's held-out digits with the ``
 features::
 
     .venv/bin/python benchmarks/variance_tables.py --ddpm runs/ddpm --iddpm runs/iddpm \\
-        --npr runs/npr --sn runs/sn [--n 500] [--steps 10,25,50,100] [--nll-n 100]
+        --npr runs/npr --sn runs/sn [--only bao|iddpm|tables] [--n 500] [--steps 10,25,50]
 
-Writes ``OUT/tables.json`` and ``OUT/tables.md`` (default OUT: benchmarks/results/variance).
+Writes ``OUT/bao.json``, ``OUT/iddpm.json`` and ``OUT/tables.md`` (default OUT:
+benchmarks/results/variance). The fixed-variance run's FIDs of the iDDPM table are the
+Analytic-DPM table's ``small`` / ``large`` rows (the same samples).
 """
 
 from __future__ import annotations
@@ -80,30 +82,8 @@ def _cell(x: dict | None, key: str, fmt: str = "{:.2f}") -> str:
     return fmt.format(x[key])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ddpm", required=True, help="fixed-variance run (L_simple)")
-    p.add_argument("--iddpm", help="learned-variance run (L_hybrid)")
-    p.add_argument("--npr", help="NPR residual run of --ddpm")
-    p.add_argument("--sn", help="SN residual run of --ddpm")
-    p.add_argument("--n", type=int, default=500, help="samples per FID setting (default 500)")
-    p.add_argument("--steps", default="10,25,50,100", help="sampling / VLB step counts")
-    p.add_argument("--iddpm-steps", default="25,50,100",
-                   help="step counts of the iDDPM table")
-    p.add_argument("--nll-n", type=int, default=100, help="held-out images for the VLB")
-    p.add_argument("--full-nll-n", type=int, default=50,
-                   help="held-out images for the full-step VLB of the iDDPM table")
-    p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--skip-nll", action="store_true")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    steps = [int(s) for s in args.steps.split(",")]
-    result: dict = {"n": args.n, "nll_n": args.nll_n, "runs": {
-        "ddpm": args.ddpm, "iddpm": args.iddpm, "npr": args.npr, "sn": args.sn}}
-
-    # ----- Analytic-DPM / SN- / NPR-DPM on the fixed-variance run ------------------------------
+def _bao(args, steps: list[int]) -> dict:
+    """Analytic-DPM / SN- / NPR-DPM on the fixed-variance run."""
     variances = {"small": ("ddpm", ["variance=small"], None),
                  "large": ("ddpm", ["variance=large"], None),
                  "analytic": ("analytic_ddpm", [], None)}
@@ -115,50 +95,110 @@ def main() -> None:
     for name, (sampler, options, residual) in variances.items():
         spec = ",".join(f"{sampler}:{k}" for k in steps)
         rep = _eval(args.ddpm, spec, args.out / f"ddpm_{name}", args.n, options)
-        bao[name] = {"fid": _fid_row(rep), "seconds": rep["seconds"], "nll": {}}
+        bao[name] = {"fid": _fid_row(rep), "seconds": rep["seconds"], "nll": {},
+                     "floor": rep.get("floor")}
         if not args.skip_nll:
             for k in steps:
                 bao[name]["nll"][k] = _nll(args.ddpm, k, name, args.nll_n, residual)
         print(name, json.dumps(bao[name]), flush=True)
-    result["bao"] = bao
-    result["floor"] = rep.get("floor")
+    return bao
 
-    # ----- improved DDPM: learned against fixed variances --------------------------------------
-    if args.iddpm:
-        ksteps = [int(s) for s in args.iddpm_steps.split(",")]
-        nichol: dict = {}
-        for run_key, run, names in (("ddpm", args.ddpm, ("small", "large")),
-                                    ("iddpm", args.iddpm, ("learned", "small", "large"))):
-            for name in names:
-                spec = ",".join(f"ddpm:{k}" for k in ksteps)
-                folder = args.out / f"{run_key}_{name}"
-                rep = _eval(run, spec, folder, args.n, [f"variance={name}"])
-                row = {"fid": _fid_row(rep)}
-                if not args.skip_nll:
-                    row["nll_full"] = _nll(run, None, name, args.full_nll_n, None)
-                nichol[f"{run_key}:{name}"] = row
-                print(run_key, name, json.dumps(row), flush=True)
-        result["iddpm"] = nichol
 
-    (args.out / "tables.json").write_text(json.dumps(result, indent=1))
-    lines = [f"n = {args.n} samples per FID cell, VLB on {args.nll_n} held-out digits.", "",
-             "| variance | " + " | ".join(f"FID {k}" for k in steps) + " | "
-             + " | ".join(f"NLL {k}" for k in steps) + " |",
-             "| --- |" + " --- |" * (2 * len(steps))]
-    for name, row in bao.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(row["fid"].get(k), "fid") for k in steps)
-                     + " | " + " | ".join(_cell(row["nll"].get(k), "bpd", "{:.3f}")
-                                          for k in steps) + " |")
-    if args.iddpm:
-        ksteps = [int(s) for s in args.iddpm_steps.split(",")]
-        lines += ["", "| run: variance | " + " | ".join(f"FID {k}" for k in ksteps)
-                  + " | NLL (all steps) |", "| --- |" + " --- |" * (len(ksteps) + 1)]
-        for name, row in result["iddpm"].items():
-            lines.append(f"| {name} | " + " | ".join(_cell(row["fid"].get(k), "fid")
-                                                     for k in ksteps)
+def _nichol(args, steps: list[int]) -> dict:
+    """improved DDPM: the learned-variance run's samples with each variance, and the full VLB
+    of both runs (the fixed-variance run's samples are the Analytic-DPM table's rows)."""
+    nichol: dict = {}
+    for name in ("learned", "small", "large"):
+        spec = ",".join(f"ddpm:{k}" for k in steps)
+        rep = _eval(args.iddpm, spec, args.out / f"iddpm_{name}", args.n, [f"variance={name}"])
+        row = {"fid": _fid_row(rep)}
+        if not args.skip_nll:
+            row["nll_full"] = _nll(args.iddpm, None, name, args.full_nll_n, None)
+        nichol[f"iddpm:{name}"] = row
+        print("iddpm", name, json.dumps(row), flush=True)
+    if not args.skip_nll:
+        for name in ("small", "large"):
+            nichol[f"ddpm:{name}"] = {"nll_full": _nll(args.ddpm, None, name, args.full_nll_n,
+                                                       None)}
+            print("ddpm", name, json.dumps(nichol[f"ddpm:{name}"]), flush=True)
+    return nichol
+
+
+def _tables(out: Path) -> str:
+    lines = []
+    bao_file, nichol_file = out / "bao.json", out / "iddpm.json"
+    if bao_file.is_file():
+        b = json.loads(bao_file.read_text())
+        steps = b["steps"]
+        lines += [f"Analytic-DPM / SN- / NPR-DPM on `{b['runs']['ddpm']}`: FID of {b['n']} "
+                  f"samples, VLB (bits/dim) on {b['nll_n']} held-out digits.", "",
+                  "| variance | " + " | ".join(f"FID {k}" for k in steps) + " | "
+                  + " | ".join(f"NLL {k}" for k in steps) + " |",
+                  "| --- |" + " --- |" * (2 * len(steps))]
+        for name, row in b["rows"].items():
+            lines.append(f"| {name} | "
+                         + " | ".join(_cell(row["fid"].get(str(k)), "fid") for k in steps)
+                         + " | " + " | ".join(_cell(row["nll"].get(str(k)), "bpd", "{:.3f}")
+                                              for k in steps) + " |")
+    if nichol_file.is_file():
+        d = json.loads(nichol_file.read_text())
+        steps = d["steps"]
+        bao = json.loads(bao_file.read_text())["rows"] if bao_file.is_file() else {}
+        lines += ["", f"improved DDPM: `{d['runs']['iddpm']}` (learned variances, L_hybrid) "
+                  f"against `{d['runs']['ddpm']}` (fixed, L_simple); FID of {d['n']} samples, "
+                  f"VLB over all steps on {d['full_nll_n']} held-out digits.", "",
+                  "| run: variance | " + " | ".join(f"FID {k}" for k in steps)
+                  + " | NLL (all steps) |", "| --- |" + " --- |" * (len(steps) + 1)]
+        for name, row in d["rows"].items():
+            fid = row.get("fid") or bao.get(name.split(":")[1], {}).get("fid", {})
+            lines.append(f"| {name} | " + " | ".join(_cell(fid.get(str(k)), "fid")
+                                                     for k in steps)
                          + f" | {_cell(row.get('nll_full'), 'bpd', '{:.3f}')} |")
-    (args.out / "tables.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = "\n".join(lines) + "\n"
+    (out / "tables.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ddpm", help="fixed-variance run (L_simple)")
+    p.add_argument("--iddpm", help="learned-variance run (L_hybrid)")
+    p.add_argument("--npr", help="NPR residual run of --ddpm")
+    p.add_argument("--sn", help="SN residual run of --ddpm")
+    p.add_argument("--only", choices=["bao", "iddpm", "tables"], default=None,
+                   help="one table (bao: Analytic / SN / NPR; iddpm) or just rebuild tables.md "
+                   "from the JSON files (default: both tables)")
+    p.add_argument("--n", type=int, default=500, help="samples per FID setting (default 500)")
+    p.add_argument("--steps", default="10,25,50", help="step counts of the Analytic-DPM table")
+    p.add_argument("--iddpm-steps", default="25,50",
+                   help="step counts of the iDDPM table")
+    p.add_argument("--nll-n", type=int, default=100, help="held-out images for the K-step VLB")
+    p.add_argument("--full-nll-n", type=int, default=40,
+                   help="held-out images for the all-step VLB of the iDDPM table")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip-nll", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = {"ddpm": args.ddpm, "iddpm": args.iddpm, "npr": args.npr, "sn": args.sn}
+    if args.only in (None, "bao"):
+        if not args.ddpm:
+            p.error("--ddpm RUN is needed for the Analytic-DPM table")
+        steps = [int(s) for s in args.steps.split(",")]
+        rows = _bao(args, steps)
+        (args.out / "bao.json").write_text(json.dumps(
+            {"n": args.n, "nll_n": args.nll_n, "steps": steps, "runs": runs, "rows": rows},
+            indent=1))
+    if args.only in (None, "iddpm"):
+        if not (args.ddpm and args.iddpm):
+            p.error("--ddpm RUN and --iddpm RUN are needed for the iDDPM table")
+        steps = [int(s) for s in args.iddpm_steps.split(",")]
+        rows = _nichol(args, steps)
+        (args.out / "iddpm.json").write_text(json.dumps(
+            {"n": args.n, "full_nll_n": args.full_nll_n, "steps": steps, "runs": runs,
+             "rows": rows}, indent=1))
+    print(_tables(args.out))
 
 
 if __name__ == "__main__":
