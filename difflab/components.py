@@ -49,6 +49,7 @@ FORMAT = "difflab-component"
 # ``difflab --help`` does not import every network).
 BUILTIN_MODULES = (
     "difflab.networks.unet",
+    "difflab.networks.dit",
     "difflab.networks.classifier",
     "difflab.networks.alignment",
     "difflab.networks.text",

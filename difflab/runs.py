@@ -80,8 +80,12 @@ class LoadedRun:
 def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None, ema: bool = True,
              device: torch.device | str = "cpu", single_file: dict | None = None) -> LoadedRun:
     """Load a run folder's ``config.toml`` and a checkpoint (default: the latest that
-    verifies), a checkpoint folder inside a run, a component folder of ``difflab export``, or a
-    diffusers Stable Diffusion pipeline folder (:mod:`difflab.interop.pipeline`).
+    verifies), a checkpoint folder inside a run, a component folder of ``difflab export``, a
+    diffusers Stable Diffusion pipeline folder (:mod:`difflab.interop.pipeline`), or a DiT
+    checkpoint: a facebookresearch/DiT ``.pt`` file, a diffusers ``DiTTransformer2DModel`` or
+    ``DiTPipeline`` folder, which carry no path and are sampled on the DiT paper's (discrete
+    linear betas 1e-4 .. 0.02, N = 1000, eps prediction with learned sigma, class-conditional
+    with 1000 classes; :mod:`difflab.interop.dit_run`).
 
     Args:
         run_dir: the folder.
@@ -91,14 +95,19 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None, ema: boo
         single_file: for an SD single-file checkpoint (``.safetensors`` / ``.ckpt``): its
             ``tokenizer`` folder (default: a ``tokenizer/`` beside the file), ``config`` (a
             pipeline folder or the LDM YAML; default: ``NAME.yaml`` beside it) and
-            ``prediction`` (:mod:`difflab.interop.single_file`).
+            ``prediction`` (:mod:`difflab.interop.single_file`); for a DiT checkpoint: its
+            ``vae`` folder (default: ``vae/`` beside it) and ``num_heads`` (a ``.pt`` file).
     """
     from difflab.components import CONFIG_JSON
     from difflab.interop.diffusers import diffusers_class
+    from difflab.interop.dit_run import dit_parts, is_dit_source
     from difflab.interop.pipeline import is_pipeline, pipeline_parts
     from difflab.interop.single_file import cached_pipeline, is_single_file
 
     run = Path(run_dir)
+    if is_dit_source(run):  # a facebookresearch DiT .pt, a diffusers DiT folder or pipeline
+        task, net = dit_parts(run, device, **(single_file or {}))
+        return LoadedRun.from_task(task, net, run, 0, True)
     if is_single_file(run):  # SD's original layout: converted once, then read as a pipeline
         opts = {k: v for k, v in (single_file or {}).items() if v is not None}
         if "tokenizer" not in opts and (run.parent / "tokenizer").is_dir():

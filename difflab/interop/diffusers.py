@@ -4,9 +4,11 @@ out of difflab, without importing diffusers.
 ``load_diffusers(folder)`` reads a ``UNet2DConditionModel`` (Stable Diffusion's U-Net; see
 :mod:`difflab.interop.diffusers_unet`) as a difflab ``unet`` and an ``AutoencoderKL`` (SD's VAE,
 whose parameter names difflab's ``autoencoder_kl`` shares) as a difflab codec with the VAE's
-``scaling_factor``. ``save_diffusers(module, folder)`` writes a difflab ``unet`` or
-``autoencoder_kl`` in diffusers' layout, so ``from_pretrained`` reads it. Weights are read from
-safetensors, or from a ``.bin`` with ``torch.load(weights_only=True)``: loading never runs code.
+``scaling_factor``, and a ``DiTTransformer2DModel`` as a difflab ``dit`` (see
+:mod:`difflab.interop.dit`). ``save_diffusers(module, folder)`` writes a difflab ``unet``,
+``autoencoder_kl`` or ``dit`` in diffusers' layout, so ``from_pretrained`` reads it. Weights are
+read from safetensors, or from a ``.bin`` with ``torch.load(weights_only=True)``: loading never
+runs code.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from difflab.errors import DifflabError
 CONFIG = "config.json"
 SAFETENSORS = "diffusion_pytorch_model.safetensors"
 BIN = "diffusion_pytorch_model.bin"
-CLASSES = ("UNet2DConditionModel", "AutoencoderKL")
+CLASSES = ("UNet2DConditionModel", "AutoencoderKL", "DiTTransformer2DModel")
 
 
 def diffusers_class(folder: str | os.PathLike) -> str | None:
@@ -60,12 +62,17 @@ def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_diffusers(folder: str | os.PathLike, device: Any = "cpu") -> torch.nn.Module:
-    """A diffusers ``UNet2DConditionModel`` or ``AutoencoderKL`` folder as a difflab module."""
+    """A diffusers ``UNet2DConditionModel``, ``AutoencoderKL`` or ``DiTTransformer2DModel``
+    folder as a difflab module."""
     d = Path(folder)
     name = diffusers_class(d)
     if name not in CLASSES:
         raise DifflabError(f"{d}: a diffusers {name or 'component'} folder; difflab reads "
-                           f"{' and '.join(CLASSES)} folders")
+                           f"{', '.join(CLASSES)} folders")
+    if name == "DiTTransformer2DModel":
+        from difflab.interop.dit import load_diffusers_dit
+
+        return load_diffusers_dit(d, device)
     cfg = json.loads((d / CONFIG).read_text())
     state = read_weights(d)
     if name == "UNet2DConditionModel":
@@ -225,21 +232,26 @@ def _load_vae(cfg: dict, state: dict, d: Path) -> torch.nn.Module:
 # ----- writing ------------------------------------------------------------------------------------
 def save_diffusers(module: torch.nn.Module, folder: str | os.PathLike) -> Path:
     """Write a difflab ``unet`` (cross-attention, no classes / learned variance; concatenated
-    channels become extra input channels, as in SD 2's depth U-Net) or
-    ``autoencoder_kl`` as a diffusers component folder."""
+    channels become extra input channels, as in SD 2's depth U-Net), ``autoencoder_kl`` or
+    ``dit`` (class-conditional adaLN-Zero) as a diffusers component folder."""
     from safetensors.torch import save_file
 
     from difflab.latent.autoencoder import AutoencoderKL
+    from difflab.networks.dit import DiT
     from difflab.networks.unet import UNet
 
     d = Path(folder)
+    if isinstance(module, DiT):
+        from difflab.interop.dit import save_diffusers_dit
+
+        return save_diffusers_dit(module, d)
     if isinstance(module, UNet):
         cfg, state = _unet_out(module)
     elif isinstance(module, AutoencoderKL):
         cfg, state = _vae_out(module)
     else:
-        raise DifflabError(f"difflab writes diffusers folders of U-Nets and KL autoencoders, not "
-                           f"of a {type(module).__name__}")
+        raise DifflabError(f"difflab writes diffusers folders of U-Nets, KL autoencoders and "
+                           f"DiTs, not of a {type(module).__name__}")
     d.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(d / SAFETENSORS))
     (d / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")

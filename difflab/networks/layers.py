@@ -30,6 +30,8 @@ __all__ = [
     "TimestepBlock",
     "Upsample",
     "avg_pool_nd",
+    "check_context",
+    "check_labels",
     "conv_nd",
     "group_norm",
     "silu_",
@@ -62,7 +64,8 @@ def resample_factor(dims: int) -> int | tuple[int, ...]:
     return (1, 2, 2) if dims == 3 else 2
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0,
+                       freq_shift: float = 0.0) -> Tensor:
     """Sinusoidal embedding of a real-valued time signal.
 
     The Transformer position encoding (Vaswani et al. 2017, sec. 3.5) used for the
@@ -72,18 +75,21 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
         emb(t) = [cos(t w_0), ..., cos(t w_{half-1}), sin(t w_0), ..., sin(t w_{half-1})]
 
     (cosines first, as in ADM). ``t`` may be fractional (continuous-time models feed
-    ``1000 t`` or ``log(sigma) / 4``). An odd ``dim`` gets one trailing zero.
+    ``1000 t`` or ``log(sigma) / 4``). An odd ``dim`` gets one trailing zero. ``freq_shift``
+    divides the exponent by ``half - freq_shift`` instead (diffusers' ``downscale_freq_shift``;
+    its DiT uses 1, where the DiT code and ADM use 0).
 
     Args:
         t: time signal of shape ``(B,)``; any real dtype, computed in float32.
         dim: embedding width.
         max_period: the longest period, ``2 pi max_period``.
+        freq_shift: the frequencies are ``max_period ** (-i / (half - freq_shift))``.
 
     Returns:
         Float32 tensor of shape ``(B, dim)``.
     """
     half = dim // 2
-    exponent = torch.arange(half, device=t.device, dtype=torch.float32) / half
+    exponent = torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift)
     freqs = torch.exp(-math.log(max_period) * exponent)  # (half,)
     args = t.float()[:, None] * freqs[None, :]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
@@ -98,18 +104,20 @@ class TimeEmbedding(nn.Module):
     Args:
         freq_dim: width of the sinusoidal features (the U-Net's ``model_channels``).
         emb_dim: output width (``4 * model_channels`` in DDPM / ADM).
+        freq_shift: see :func:`timestep_embedding` (0 but for diffusers' DiT layout).
     """
 
-    def __init__(self, freq_dim: int, emb_dim: int) -> None:
+    def __init__(self, freq_dim: int, emb_dim: int, freq_shift: float = 0.0) -> None:
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.freq_shift = freq_dim, freq_shift
         self.linear_1 = nn.Linear(freq_dim, emb_dim)
         self.linear_2 = nn.Linear(emb_dim, emb_dim)
 
     def forward(self, t: Tensor) -> Tensor:
         """Map ``t`` of shape ``(B,)`` to an embedding ``(B, emb_dim)`` in the weights' dtype
         (the sinusoids are computed in float32, then cast)."""
-        freqs = timestep_embedding(t, self.freq_dim).to(self.linear_1.weight.dtype)
+        freqs = timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)
+        freqs = freqs.to(self.linear_1.weight.dtype)
         return self.linear_2(F.silu(self.linear_1(freqs)))
 
 
@@ -373,3 +381,54 @@ def check_image_and_time(owner: str, x: Tensor, t: Tensor, in_channels: int, fac
         raise DifflabError(f"{owner}: expected t of shape ({B},) or a scalar, got "
                            f"{tuple(t.shape)}")
     return t
+
+
+def check_labels(owner: str, labels: Tensor | None, num_classes: int | None, B: int,
+                 device: torch.device) -> Tensor | None:
+    """``cond.labels`` checked for a network with ``num_classes`` classes (None: unconditional,
+    which takes no labels); absent labels are the null class ``num_classes``."""
+    from difflab.errors import DifflabError
+
+    n = num_classes
+    if n is None:
+        if labels is not None:
+            raise DifflabError(f"{owner}: cond.labels given to an unconditional model "
+                               "(num_classes=None); build it with num_classes set or drop the "
+                               "labels")
+        return None
+    if labels is None:
+        return torch.full((B,), n, dtype=torch.long, device=device)  # the null class
+    if labels.shape != (B,) or labels.dtype.is_floating_point or labels.is_complex():
+        raise DifflabError(f"{owner}: expected integer cond.labels of shape ({B},), got "
+                           f"{labels.dtype} {tuple(labels.shape)}")
+    if B and (int(labels.min()) < 0 or int(labels.max()) > n):
+        raise DifflabError(f"{owner}: cond.labels must lie in [0, {n}] ({n} = the null class), "
+                           f"got values in [{int(labels.min())}, {int(labels.max())}]")
+    return labels.long()
+
+
+def check_context(owner: str, context: Tensor | None, mask: Tensor | None,
+                  context_dim: int | None, B: int, dtype: torch.dtype
+                  ) -> tuple[Tensor | None, Tensor | None]:
+    """``cond.context (B, L, context_dim)`` and ``cond.context_mask (B, L)`` checked for a
+    network with cross-attention of width ``context_dim`` (None: no text), the context cast to
+    the network's ``dtype`` (float32 text-encoder tokens meet a half-precision model)."""
+    from difflab.errors import DifflabError
+
+    d = context_dim
+    if d is None:
+        if context is not None or mask is not None:
+            raise DifflabError(f"{owner}: cond.context / cond.context_mask given but the model "
+                               "has no text cross-attention (context_dim=None): build it with "
+                               "context_dim set (the text encoder's width) or drop the text")
+        return None, None
+    if context is None or context.ndim != 3 or context.shape[0] != B or context.shape[2] != d:
+        got = None if context is None else tuple(context.shape)
+        raise DifflabError(f"{owner}: expected cond.context of shape ({B}, L, {d}) "
+                           f"(context_dim={d}), got {got}")
+    if mask is not None:
+        if mask.shape != context.shape[:2]:
+            raise DifflabError(f"{owner}: expected cond.context_mask of shape "
+                               f"{tuple(context.shape[:2])}, got {tuple(mask.shape)}")
+        mask = mask.bool()
+    return context.to(dtype), mask
