@@ -284,7 +284,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
 
 NEEDS = {"moments": "Gamma_t (estimated from the run's data and cached)",
-         "residual": "a trained ResidualHead (Python API)"}
+         "residual": "a trained residual head: --option residual=RUN (configs/npr_mnist.toml)"}
 
 
 # ----- export / upgrade --------------------------------------------------------------------------
