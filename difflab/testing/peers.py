@@ -278,7 +278,7 @@ def _network_output(sched, kind: str, pred, latents: torch.Tensor, rho,
 
 
 def run_diffusers(scheduler, den: DenoiserBase, x: torch.Tensor, steps: int,
-                  **step_kwargs) -> torch.Tensor:
+                  model_dtype: torch.dtype | None = None, **step_kwargs) -> torch.Tensor:
     """Sample with a diffusers scheduler driven by a difflab denoiser, in float64.
 
     ``scheduler`` is configured by the caller (e.g. ``DPMSolverMultistepScheduler(
@@ -305,9 +305,14 @@ def run_diffusers(scheduler, den: DenoiserBase, x: torch.Tensor, steps: int,
     spacing that is ``sigma_max x`` instead of ``sqrt(1 + sigma_max^2) x``, a start smaller by
     ``1 / (2 sigma_max^2)``, 2e-5 on DDPM's schedule: a difference that is not the sampler's.)
 
+    ``model_dtype`` (default None: float64 throughout) evaluates ``den`` in another dtype, for a
+    trained network (``torch.float32``): its input is cast to that dtype and its output back to
+    float64, and it runs under the caller's default dtype (not float64); the scheduler's own
+    arithmetic stays in float64.
+
     ``step_kwargs`` go to every ``step`` call (``eta=0.0``); a list or tuple gives one value per
     call (``variance_noise=[z_0, z_1, ...]``). Returns the final sample on ``den.path``'s scale
-    (at ``sigma = 0``, the latents themselves).
+    (at ``sigma = 0``, the latents themselves), in float64.
     """
     ptype = scheduler.config.get("prediction_type", "epsilon")
     kind = PREDICTION_KINDS.get(ptype)
@@ -317,9 +322,19 @@ def run_diffusers(scheduler, den: DenoiserBase, x: torch.Tensor, steps: int,
     sched = float64_scheduler(scheduler)
     path = den.path
     x = x.to(torch.float64)
+    caller_dtype = torch.get_default_dtype()
 
     def to_path(rho) -> float:  # latents -> den.path's scale at noise level rho
         return _path_alpha(path, rho) * (1.0 if sigma_space else 1.0 / _vp_alpha(rho))
+
+    def model(x_t: torch.Tensor, t: torch.Tensor):
+        if model_dtype is None:
+            return den(x_t, t)
+        torch.set_default_dtype(caller_dtype)  # the network builds tensors in its own dtype
+        try:
+            return den(x_t.to(model_dtype), t)
+        finally:
+            torch.set_default_dtype(torch.float64)
 
     with _in_float64(type(sched)):
         sched.set_timesteps(steps)
@@ -330,8 +345,9 @@ def run_diffusers(scheduler, den: DenoiserBase, x: torch.Tensor, steps: int,
         for i, timestep in enumerate(sched.timesteps):
             sched.scale_model_input(latents, timestep)  # what a pipeline calls (some record it)
             rho = _current_rho(sched, timestep)
-            pred = den(latents * to_path(rho), time_of_rho(path, rho))
+            pred = model(latents * to_path(rho), time_of_rho(path, rho))
             out = _network_output(sched, kind, pred, latents, rho, sigma_space)
+            out = out.to(torch.float64)
             latents = sched.step(out, timestep, latents, **_per_step(step_kwargs, i)).prev_sample
         return latents * to_path(_last_rho(sched))
 

@@ -78,6 +78,7 @@ import math
 import pytest
 import torch
 
+from difflab.denoiser import FnDenoiser
 from difflab.paths import EDM, VE, VP
 from difflab.samplers import sample, timesteps
 from difflab.testing import GaussianMixture
@@ -343,6 +344,32 @@ def test_edm_schedulers_match_on_edms_path(steps):
                                                      lower_order_final=False),
                     "dpmpp_3m", steps, path=EDM(), lower_order_final=False,
                     second_difference="half")
+
+
+@pytest.mark.parametrize("peer", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_run_diffusers_evaluates_a_float32_model_in_float32(peer):
+    """``model_dtype=torch.float32`` (a trained network): the denoiser sees float32 inputs under
+    the caller's default dtype; the scheduler stays in float64, so the result is the float64
+    run's up to the model's float32 rounding."""
+    d = _diffusers()
+    sched = getattr(d, peer)(**DDPM)
+    path = difflab_path_for(sched)
+    oracle = MIX.denoiser(path)
+    seen = []
+
+    def fn(x_t, t, cond):
+        seen.append((x_t.dtype, torch.get_default_dtype()))
+        pred = oracle(x_t.to(torch.float64), t)
+        return type(pred).from_x0(pred.x0.to(torch.float32), x_t, t, path)
+
+    den = FnDenoiser(fn, path)
+    grid = difflab_grid_for(sched, path, 8)
+    x = start(path, grid)
+    ours = run_diffusers(sched, den, x, 8, model_dtype=torch.float32)
+    assert ours.dtype == torch.float64 and len(seen) == 8
+    assert set(seen) == {(torch.float32, torch.float32)}
+    diff = float((ours - run_diffusers(sched, oracle, x, 8)).abs().max())
+    assert 0 < diff < 1e-5, diff
 
 
 # ----- k-diffusion -------------------------------------------------------------------------------
