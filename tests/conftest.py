@@ -126,6 +126,16 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts with one intra-op thread and leaves the count as it found it (some
+    commands under test set ``--threads``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # A tiny DDPM run on the 8x8 digits, trained through the CLI: the CLI and run-level tests need
 # a real run folder and not a good model.
 TINY_RUN = ["model.preset='tiny'", "model.model_channels=8", "model.num_heads=1",

@@ -22,13 +22,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def sets(*items: str) -> list[str]:
     return [a for item in (*TINY, *items) for a in ("--set", item)]

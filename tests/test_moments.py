@@ -17,14 +17,6 @@ from difflab.paths import VP
 from difflab.samplers import analytic, timesteps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_conditional_gamma_matches_its_closed_form():
     """``eps_hat(x_t, t, y) = c_y x_t`` has ``E ||eps_hat||^2 / d = c_y^2 (alpha_t^2 E x0^2 / d
     + sigma_t^2)``; with half the rows of each class the estimate must average the two."""

@@ -33,12 +33,6 @@ def single_thread():
         torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
 @pytest.fixture(scope="session")
 def extractor_cache(tmp_path_factory) -> Path:
     """An extractor cache for this test run (never the user's ~/.cache), shared by the xdist

@@ -27,13 +27,6 @@ from difflab.testing.sd import jitter, tiny_vae
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def peer_dit(learn_sigma: bool, tie: bool = True, in_channels: int = 3):
     """A random ``DiTTransformer2DModel`` (2 blocks of width 32, patch 2 over 8x8, 5 classes),

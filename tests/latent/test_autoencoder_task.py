@@ -21,13 +21,6 @@ from difflab.training import Trainer, train
 MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def ae_config(*more: str, arch: str = "autoencoder_kl"):
     """Digits (8x8, ships with scikit-learn), the tiny KL autoencoder (f = 4: 2x2 latents)."""

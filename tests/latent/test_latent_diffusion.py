@@ -20,14 +20,6 @@ from difflab.sampling import SampleRequest, generate, load_run
 from difflab.training import Trainer, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def ae_config(steps: int = 20):
     """A two-stage KL autoencoder (f = 2) on the 8x8 digits: 4x4x4 latents."""
     return load_config(None, ["task.kind='autoencoder'", "model.arch='autoencoder_kl'",

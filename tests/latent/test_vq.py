@@ -19,14 +19,6 @@ from difflab.sampling import SampleRequest, generate
 from difflab.training import train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_quantizer_picks_the_nearest_code_and_passes_gradients_straight_through():
     torch.manual_seed(0)
     vq = VectorQuantizer(8, 3, beta=0.25)

@@ -49,13 +49,6 @@ n = 4
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny(**kw) -> DiT:
     kw = {"in_channels": 3, "out_channels": 3, "num_classes": 4, **kw}

@@ -26,13 +26,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def start(tmp_path: Path, slow: str) -> tuple[subprocess.Popen, Path]:
     run = tmp_path / "run"
