@@ -28,6 +28,7 @@ from difflab.data.base import (
 )
 from difflab.data.download import download_files
 from difflab.data.transforms import ResizeMethod, resize_batch
+from difflab.errors import bad_value
 
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -128,6 +129,7 @@ class MNIST(ArrayDataset):
         holdout_fraction: float = 0.0,
         held_out: bool = False,
         seed: int = 0,
+        classes: Sequence[int] | None = None,
     ) -> None:
         check_split(split)
         self.root = Path(root) if root is not None else data_home() / self.name
@@ -147,6 +149,14 @@ class MNIST(ArrayDataset):
                                    holdout_fraction, seed, labels)
             images, labels = images[keep], labels[keep]
         self.holdout_fraction, self.held_out = holdout_fraction, held_out
+        self.classes = None
+        if classes is not None:
+            wanted_classes = sorted({int(c) for c in classes})
+            if not wanted_classes or wanted_classes[0] < 0 or wanted_classes[-1] > 9:
+                raise bad_value("classes", list(classes), "a non-empty list of labels 0-9")
+            keep = np.isin(labels, wanted_classes)
+            images, labels = images[keep], labels[keep]
+            self.classes = wanted_classes
         x = resize_batch(images, image_size, resize_method)
         super().__init__(torch.from_numpy(x).unsqueeze(1), labels,
                          num_classes=10, transform=transform, name=self.name)
