@@ -81,10 +81,65 @@ def strength_grid(t_grid: torch.Tensor, strength: float) -> torch.Tensor:
     return t_grid[steps - keep:]
 
 
+def start_grid(path: GaussianPath, steps: int, grid: str = "auto",
+               grid_options: dict[str, Any] | None = None, t0: float = 1.0) -> torch.Tensor:
+    """``steps`` steps from ``t0 * path.t_max`` down to the data (SDEdit, Meng et al. 2022,
+    Alg. 1: ``N`` steps of ``t0 / N`` each), so the budget does not shrink with ``t0``.
+
+    ``t0 = 1`` is :func:`sampling_grid` itself. Below it, the continuous grids (uniform,
+    quadratic, log_snr, karras) start at ``t0 * t_max``; the discrete grid takes the path's own
+    steps below the one nearest ``t0``, spaced as ``trailing`` spacing spaces a full path (so
+    the first is that step itself); a custom or tuned grid is truncated there
+    (:func:`~difflab.samplers.timesteps.grid_from`).
+    """
+    from difflab.samplers.timesteps import TUNED, discrete, grid_from
+
+    if isinstance(t0, bool) or not isinstance(t0, int | float) or not 0 < t0 <= 1:
+        raise bad_value("t0", t0, "a number in (0, 1] (a fraction of the path's time range)")
+    if t0 == 1:
+        return sampling_grid(path, steps, grid, grid_options)
+    name = auto_grid_name(path) if grid == "auto" else grid
+    t_start = float(t0) * path.t_max
+    if name in ("uniform", "quadratic", "log_snr", "karras"):
+        if not t_start > path.t_min:
+            raise DifflabError(f"t0={t0} starts at t={t_start:.3g}, below the path's t_min="
+                               f"{path.t_min:g}: use a larger t0")
+        from difflab.samplers.timesteps import make_grid
+
+        g = make_grid(name, path, steps, **{**(grid_options or {}), "t_start": t_start})
+        if float(g[1]) < t_start:  # an inverted log-SNR / sigma may miss t_start slightly
+            g[0] = t_start
+        return g
+    if name == "discrete":
+        if isinstance(path, DiscreteVP):
+            if grid_options:
+                raise DifflabError(f"grid options {sorted(grid_options)} do not apply to a "
+                                   f"discrete grid started at t0={t0}: its steps are the path's "
+                                   "below t0, trailing-spaced")
+            top = max(1, round(float(t0) * path.N))  # steps 0 .. top-1 lie at or below t0
+            if steps > top:
+                raise DifflabError(f"t0={t0} leaves {top} of the path's {path.N} steps: ask for "
+                                   f"at most {top} steps")
+            idx = torch.round(torch.arange(top, 0, -top / steps, dtype=torch.float64)) - 1
+            t = torch.cat([(idx + 1) / path.N, idx.new_zeros(1)])
+            return torch.unique_consecutive(t)
+        return discrete(path, steps)  # raises the discrete grid's own error
+    full = sampling_grid(path, steps, "custom" if name == TUNED else name, grid_options)
+    return grid_from(full, t_start)
+
+
 def init_latents(run: LoadedRun, init: Any, strength: float | None, st: dict[str, Any],
-                 n_given: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+                 n_given: bool, t0: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Image-to-image inputs: ``init`` as a tensor in the model's space (the codec's scaled
-    posterior mean for a latent run) and the settings with ``n`` and ``strength`` resolved."""
+    posterior mean for a latent run) and the settings with ``n`` and ``strength`` (or ``t0``)
+    resolved."""
+    if t0 is not None:
+        if strength is not None:
+            raise DifflabError("give strength or t0, not both: strength keeps the last part "
+                               "of the grid, t0 runs all the steps from t0")
+        if isinstance(t0, bool) or not isinstance(t0, int | float) or not 0 < t0 <= 1:
+            raise bad_value("t0", t0, "a number in (0, 1] (a fraction of the path's time "
+                            "range)")
     strength = 0.8 if strength is None else strength
     if isinstance(strength, bool) or not isinstance(strength, int | float) \
             or not 0 < strength <= 1:
@@ -111,6 +166,8 @@ def init_latents(run: LoadedRun, init: Any, strength: float | None, st: dict[str
             codec_device = next(iter(codec.parameters()), torch.empty(0)).device
             x = torch.cat([codec.to_latent(b.to(codec_device), sample=False).cpu()
                            for b in x.split(max(1, st["batch_size"]))])
+    if t0 is not None:
+        return x, {**st, "n": n, "t0": float(t0)}
     return x, {**st, "n": n, "strength": float(strength)}
 
 
@@ -178,6 +235,13 @@ class SampleRequest:
         strength: how much of the grid to run from ``init``, in ``(0, 1]`` (default 0.8): the
             last ``int(steps * strength)`` steps, as diffusers' img2img counts them; 1 starts
             from the prior time, so little of ``init`` survives.
+        t0: instead of ``strength``: start ``init`` at time ``t0 * t_max`` and run all
+            ``steps`` steps from there (SDEdit's Alg. 1; :func:`start_grid`), ``t0`` in
+            ``(0, 1]``.
+        driver: replaces the one sampler call of each batch: ``driver(run_grid, x, grid, lo,
+            hi, noise)`` where ``run_grid(x, times)`` runs the request's sampler (with its
+            options, hooks and guidance) over a descending sub-grid. RePaint's resampling
+            (:mod:`difflab.recipes.inpaint`) goes down and back up the grid this way.
     """
 
     model: Any
@@ -203,6 +267,8 @@ class SampleRequest:
     init: Any = None
     strength: float | None = None
     depth: Any = None
+    t0: float | None = None
+    driver: Callable | None = None
 
 
 @dataclass
@@ -301,9 +367,10 @@ def generate(request: SampleRequest) -> Samples:
     init = None
     if request.init is not None:
         init, st = init_latents(run, request.init, request.strength, st,
-                                n_given=request.n is not None)
-    elif request.strength is not None:
-        raise DifflabError("strength applies to image-to-image: give init images too")
+                                n_given=request.n is not None, t0=request.t0)
+    elif request.strength is not None or request.t0 is not None:
+        raise DifflabError(f"{'strength' if request.t0 is None else 't0'} applies to "
+                           "image-to-image: give init images too")
     n = st["n"]
     cond, null, guide = guidance_inputs(run, n, st["guidance"], request.labels, request.prompts,
                                         request.negative_prompt)
@@ -320,7 +387,8 @@ def generate(request: SampleRequest) -> Samples:
                         options=options, seed=st["seed"], batch_size=st["batch_size"],
                         cond=cond, null_cond=null, guide=guide, clip_x0=st["clip_x0"],
                         hooks=request.hooks, device=request.device, progress=progress or None,
-                        init=init, strength=st.get("strength"))
+                        init=init, strength=st.get("strength"), t0=st.get("t0"),
+                        driver=request.driver)
     finally:
         counter.close()
     seconds = time.perf_counter() - start
@@ -513,12 +581,14 @@ def draw(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str, steps
          grid: str, grid_options: dict, options: dict, seed: int, batch_size: int,
          cond: Cond | None, null_cond: Cond | None, guide: Guide | None, clip_x0: bool,
          hooks: Any = None, device: Any = None, progress: str | None = None,
-         init: torch.Tensor | None = None, strength: float | None = None
+         init: torch.Tensor | None = None, strength: float | None = None,
+         t0: float | None = None, driver: Callable | None = None
          ) -> tuple[torch.Tensor, list[int]]:
     """The sampling loop of :func:`generate`: ``n`` samples in batches, sample ``i`` with its
     own noise stream; returns ``(samples on the CPU, seeds)``. With ``init`` (``n`` or 1 rows
     in the model's space) each sample starts from ``init`` noised to the time ``strength``
-    picks (SDEdit) instead of from the prior."""
+    picks (or at ``t0``: :func:`start_grid`; SDEdit) instead of from the prior. ``driver``
+    replaces the sampler call of each batch (see :class:`SampleRequest`)."""
     from difflab.samplers import Hooks, PerSampleNoise, get_sampler, sample
     from difflab.samplers.thresholding import StaticThreshold
 
@@ -530,15 +600,13 @@ def draw(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str, steps
         raise DifflabError(f"clip_x0 / hooks need a sampler with hooks; {sampler!r} has none")
     if hooks is not None and not isinstance(hooks, Hooks):
         raise DifflabError(f"hooks must be a difflab.samplers.Hooks, got {type(hooks).__name__}")
-    if clip_x0:
-        clip = StaticThreshold(-1.0, 1.0)
-        user = hooks.correct_x0 if hooks is not None else None
-        correct = clip if user is None else (lambda x0, t: user(clip(x0, t), t))
-        hooks = Hooks(correct_x0=correct, correct_xt=getattr(hooks, "correct_xt", None),
-                      callback=getattr(hooks, "callback", None))
-    t_grid = sampling_grid(den.path, steps, grid, grid_options)
-    if init is not None:
-        t_grid = strength_grid(t_grid, strength)
+    clip = StaticThreshold(-1.0, 1.0) if clip_x0 else None
+    if init is not None and t0 is not None:
+        t_grid = start_grid(den.path, steps, grid, grid_options, t0)
+    else:
+        t_grid = sampling_grid(den.path, steps, grid, grid_options)
+        if init is not None:
+            t_grid = strength_grid(t_grid, strength)
     seeds = sample_seeds(seed, n)
     if device is None:
         net = getattr(den, "net", None)
@@ -549,18 +617,9 @@ def draw(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str, steps
     from tqdm.auto import tqdm
 
     batches = -(-n // batch_size)
-    per_step = progress is not None and "hooks" in spec.options()
+    per_step = progress is not None and "hooks" in spec.options() and driver is None
     if per_step:  # one tick per solver step of each batch, through the loop's callback
         bar = tqdm(total=batches * (t_grid.numel() - 1), desc=progress, unit="step", leave=False)
-        user_cb = getattr(hooks, "callback", None)
-
-        def tick(info) -> None:
-            bar.update(1)
-            if user_cb is not None:
-                user_cb(info)
-
-        hooks = Hooks(correct_x0=getattr(hooks, "correct_x0", None),
-                      correct_xt=getattr(hooks, "correct_xt", None), callback=tick)
     else:
         bar = tqdm(total=n, desc=progress, disable=progress is None, unit="img", leave=False)
     try:
@@ -580,14 +639,50 @@ def draw(den: DenoiserBase, shape: Sequence[int], n: int, *, sampler: str, steps
             kw = dict(options)
             if takes_noise:
                 kw["noise"] = noise
-            if hooks is not None:
-                kw["hooks"] = hooks
-            out.append(sample(sampler, d, x, t_grid, **kw).float().cpu())
+            h = _batch_hooks(hooks, lo, hi, noise, clip, bar if per_step else None)
+            if h is not None:
+                kw["hooks"] = h
+            if driver is None:
+                out.append(sample(sampler, d, x, t_grid, **kw).float().cpu())
+            else:
+                def run_grid(x_in, times, d=d, kw=kw):
+                    return sample(sampler, d, x_in, times, **kw)
+
+                out.append(driver(run_grid, x, t_grid, lo, hi, noise).float().cpu())
             if not per_step:
                 bar.update(hi - lo)
     finally:
         bar.close()
     return torch.cat(out), seeds
+
+
+def _batch_hooks(hooks: Any, lo: int, hi: int, noise: Any, clip: Any, bar: Any) -> Any:
+    """The hooks of batch ``lo:hi``: the request's own (through ``for_batch`` when they
+    depend on the batch), with ``clip_x0``'s clipping run first and a progress tick after
+    each step."""
+    from difflab.samplers import Hooks
+
+    if hooks is not None and hooks.for_batch is not None:
+        hooks = hooks.for_batch(lo, hi, noise)
+        if not isinstance(hooks, Hooks):
+            raise DifflabError(f"hooks.for_batch must return a difflab.samplers.Hooks, got "
+                               f"{type(hooks).__name__}")
+    if clip is None and bar is None:
+        return hooks
+    user_x0 = getattr(hooks, "correct_x0", None)
+    user_cb = getattr(hooks, "callback", None)
+    correct = user_x0
+    if clip is not None:
+        correct = clip if user_x0 is None else (lambda x0, t: user_x0(clip(x0, t), t))
+    callback = user_cb
+    if bar is not None:
+        def callback(info) -> None:
+            bar.update(1)
+            if user_cb is not None:
+                user_cb(info)
+
+    return Hooks(correct_x0=correct, correct_xt=getattr(hooks, "correct_xt", None),
+                 callback=callback)
 
 
 # ----- conditions and guidance -------------------------------------------------------------------

@@ -39,11 +39,16 @@ class Hooks:
             known pixels); ``eps`` is recomputed from it.
         correct_xt: ``(x, t) -> x`` applied to the state after each step (RePaint replacement).
         callback: ``(StepInfo) -> None`` after each step (progress bars, previews).
+        for_batch: ``(lo, hi, noise) -> Hooks`` for hooks that depend on which samples a batch
+            holds (an inpainting mask per image, the known pixels' noise drawn from each
+            sample's own stream). :func:`difflab.sampling.draw` calls it once per batch of
+            samples ``lo:hi`` with that batch's noise; the samplers themselves never read it.
     """
 
     correct_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     correct_xt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     callback: Callable[[StepInfo], None] | None = None
+    for_batch: Callable[..., Hooks] | None = None
 
 
 NO_HOOKS = Hooks()
