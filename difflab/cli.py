@@ -485,8 +485,16 @@ def register_tune_grid(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
+def register_edit(sub: argparse._SubParsersAction) -> None:
+    """``edit RECIPE`` lives with the recipes in :mod:`difflab.recipes.command`."""
+    from difflab.recipes.command import register
+
+    register(sub)
+
+
 COMMANDS: list[Register] = [register_train, register_sample, register_samplers, register_demo,
-                            register_evaluation, register_tune_grid, register_export,
+                            register_edit, register_evaluation, register_tune_grid,
+                            register_export,
                             register_convert, register_upgrade, register_families]
 
 
