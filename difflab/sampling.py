@@ -81,6 +81,25 @@ def strength_grid(t_grid: torch.Tensor, strength: float) -> torch.Tensor:
     return t_grid[steps - keep:]
 
 
+def check_t0(t0: Any) -> float:
+    """``t0`` as a float if it lies in ``(0, 1]`` (a fraction of the path's time range)."""
+    if isinstance(t0, bool) or not isinstance(t0, int | float) or not 0 < t0 <= 1:
+        raise bad_value("t0", t0, "a number in (0, 1] (a fraction of the path's time range)")
+    return float(t0)
+
+
+def encode_images(run: LoadedRun, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Pixels ``(N, C, H, W)`` in the run's sampling space: the codec's scaled posterior mean
+    for a latent run (on the CPU), the pixels themselves otherwise."""
+    codec = run.codec
+    if codec is None:
+        return x
+    with torch.no_grad():
+        device = next(iter(codec.parameters()), torch.empty(0)).device
+        return torch.cat([codec.to_latent(b.to(device), sample=False).cpu()
+                          for b in x.split(max(1, batch_size))])
+
+
 def start_grid(path: GaussianPath, steps: int, grid: str = "auto",
                grid_options: dict[str, Any] | None = None, t0: float = 1.0) -> torch.Tensor:
     """``steps`` steps from ``t0 * path.t_max`` down to the data (SDEdit, Meng et al. 2022,
@@ -94,12 +113,11 @@ def start_grid(path: GaussianPath, steps: int, grid: str = "auto",
     """
     from difflab.samplers.timesteps import TUNED, discrete, grid_from
 
-    if isinstance(t0, bool) or not isinstance(t0, int | float) or not 0 < t0 <= 1:
-        raise bad_value("t0", t0, "a number in (0, 1] (a fraction of the path's time range)")
+    t0 = check_t0(t0)
     if t0 == 1:
         return sampling_grid(path, steps, grid, grid_options)
     name = auto_grid_name(path) if grid == "auto" else grid
-    t_start = float(t0) * path.t_max
+    t_start = t0 * path.t_max
     if name in ("uniform", "quadratic", "log_snr", "karras"):
         if not t_start > path.t_min:
             raise DifflabError(f"t0={t0} starts at t={t_start:.3g}, below the path's t_min="
@@ -116,7 +134,7 @@ def start_grid(path: GaussianPath, steps: int, grid: str = "auto",
                 raise DifflabError(f"grid options {sorted(grid_options)} do not apply to a "
                                    f"discrete grid started at t0={t0}: its steps are the path's "
                                    "below t0, trailing-spaced")
-            top = max(1, round(float(t0) * path.N))  # steps 0 .. top-1 lie at or below t0
+            top = max(1, round(t0 * path.N))  # steps 0 .. top-1 lie at or below t0
             if steps > top:
                 raise DifflabError(f"t0={t0} leaves {top} of the path's {path.N} steps: ask for "
                                    f"at most {top} steps")
@@ -137,9 +155,7 @@ def init_latents(run: LoadedRun, init: Any, strength: float | None, st: dict[str
         if strength is not None:
             raise DifflabError("give strength or t0, not both: strength keeps the last part "
                                "of the grid, t0 runs all the steps from t0")
-        if isinstance(t0, bool) or not isinstance(t0, int | float) or not 0 < t0 <= 1:
-            raise bad_value("t0", t0, "a number in (0, 1] (a fraction of the path's time "
-                            "range)")
+        t0 = check_t0(t0)
     strength = 0.8 if strength is None else strength
     if isinstance(strength, bool) or not isinstance(strength, int | float) \
             or not 0 < strength <= 1:
@@ -160,14 +176,9 @@ def init_latents(run: LoadedRun, init: Any, strength: float | None, st: dict[str
     if x.shape[0] not in (1, n):
         raise DifflabError(f"{x.shape[0]} init images for n={n} samples: give one image, "
                            f"or one per sample")
-    codec = run.codec
-    if codec is not None:
-        with torch.no_grad():
-            codec_device = next(iter(codec.parameters()), torch.empty(0)).device
-            x = torch.cat([codec.to_latent(b.to(codec_device), sample=False).cpu()
-                           for b in x.split(max(1, st["batch_size"]))])
+    x = encode_images(run, x, st["batch_size"])
     if t0 is not None:
-        return x, {**st, "n": n, "t0": float(t0)}
+        return x, {**st, "n": n, "t0": t0}
     return x, {**st, "n": n, "strength": float(strength)}
 
 

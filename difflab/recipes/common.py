@@ -129,6 +129,17 @@ def rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.expand(n, *x.shape[1:]) if x.shape[0] == 1 else x
 
 
+def save_edit_grid(inputs: torch.Tensor, results: torch.Tensor, path) -> Path:
+    """One PNG: the inputs in the first row (padded with white), then the results, at least
+    as many per row as there are inputs."""
+    from difflab.data import save_image_grid
+
+    k = inputs.shape[0]
+    nrow = max(k, min(8, results.shape[0]))
+    pad = torch.full((nrow - k, *inputs.shape[1:]), 1.0)
+    return save_image_grid(torch.cat([inputs, pad, results.clamp(-1, 1)]), path, nrow=nrow)
+
+
 # ----- the commands ------------------------------------------------------------------------------
 def add_sampling_arguments(p: argparse.ArgumentParser, *, default_steps: str = "the run's"
                            ) -> None:

@@ -43,6 +43,7 @@ from difflab.recipes.common import (
     read_masks,
     request_options,
     rows,
+    save_edit_grid,
 )
 
 METHODS = ("replace", "repaint")
@@ -146,7 +147,7 @@ def inpaint(model: Any, image: Any, mask: Any, *, method: str = "replace",
         :class:`~difflab.sampling.Samples` with ``metadata["method"]`` and, for RePaint,
         ``jump_length`` and ``resample``.
     """
-    from difflab.sampling import SampleRequest, generate, resolve_model
+    from difflab.sampling import SampleRequest, encode_images, generate, resolve_model
 
     if method not in METHODS:
         raise bad_value("method", method, " or ".join(METHODS))
@@ -168,15 +169,9 @@ def inpaint(model: Any, image: Any, mask: Any, *, method: str = "replace",
         raise DifflabError(f"{count} image / mask pairs for n={n_total} samples: give one "
                            "pair, or one per sample")
     x, m = rows(x, n_total), rows(m, n_total)
-    known_space, keep = x, 1 - m
-    codec = run.codec
-    if codec is not None:  # latent space: encode the image, take the mask to the latent grid
-        with torch.no_grad():
-            dev = next(iter(codec.parameters()), torch.empty(0)).device
-            known_space = torch.cat([codec.to_latent(b.to(dev), sample=False).cpu()
-                                     for b in x.split(64)])
-        gen = F.adaptive_max_pool2d(m, tuple(run.sample_shape[-2:]))
-        keep = 1 - gen
+    known_space, keep = encode_images(run, x), 1 - m
+    if run.codec is not None:  # latent space: a latent is generated if any of its pixels is
+        keep = 1 - F.adaptive_max_pool2d(m, tuple(run.sample_shape[-2:]))
     known = _Known(run.path, known_space, keep)
     driver = known.repaint_driver(jump_length, resample) if method == "repaint" else None
     out = generate(SampleRequest(run, n=n_total, hooks=known.hooks(hooks), driver=driver,
@@ -274,7 +269,6 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 def cmd_inpaint(args: argparse.Namespace) -> int:
     from difflab.argtypes import output_file
-    from difflab.data import save_image_grid
 
     out_file = output_file("--out", args.out, (".png",))
     if args.method == "replace" and (args.jump_length != 10 or args.resample != 10):
@@ -286,13 +280,11 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     match_rows(x, m, ("image", "mask"))
     out = inpaint(run, x, m, method=args.method, jump_length=args.jump_length,
                   resample=args.resample, n=args.n, **request_options(args))
-    y = out.images.clamp(-1, 1)
     k = max(x.shape[0], m.shape[0])
     shown = rows(x, k) * (1 - rows(m, k))  # the masked inputs, the hole in mid grey
-    nrow = max(k, min(8, y.shape[0]))
-    pad = torch.full((nrow - k, *shape), 1.0)
-    where = save_image_grid(torch.cat([shown, pad, y]), out_file, nrow=nrow)
-    print(f"wrote {y.shape[0]} inpainted images ({args.method}, {out.metadata['sampler']}, "
+    where = save_edit_grid(shown, out.images, out_file)
+    print(f"wrote {out.images.shape[0]} inpainted images ({args.method}, "
+          f"{out.metadata['sampler']}, "
           f"{out.metadata['steps']} steps, {out.nfe} NFE, {out.seconds:.1f} s) to {where}",
           file=sys.stderr)
     return 0

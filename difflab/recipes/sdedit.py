@@ -33,13 +33,8 @@ from difflab.recipes.common import (
     pixel_shape,
     read_images,
     request_options,
+    save_edit_grid,
 )
-
-
-def check_t0(t0: Any) -> float:
-    if isinstance(t0, bool) or not isinstance(t0, int | float) or not 0 < t0 <= 1:
-        raise bad_value("t0", t0, "a number in (0, 1] (a fraction of the path's time range)")
-    return float(t0)
 
 
 def sdedit(model: Any, guide: Any, t0: float = 0.5, *, n: int | None = None, **request: Any):
@@ -57,7 +52,7 @@ def sdedit(model: Any, guide: Any, t0: float = 0.5, *, n: int | None = None, **r
     Returns:
         :class:`~difflab.sampling.Samples`; ``metadata["t0"]`` is ``t0``.
     """
-    from difflab.sampling import SampleRequest, generate, resolve_model
+    from difflab.sampling import SampleRequest, check_t0, generate, resolve_model
 
     t0 = check_t0(t0)
     run = resolve_model(model, request.pop("checkpoint", None), request.pop("ema", True),
@@ -165,7 +160,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 def cmd_sdedit(args: argparse.Namespace) -> int:
     from difflab.argtypes import output_file
-    from difflab.data import save_image_grid
+    from difflab.sampling import check_t0
 
     out_file = output_file("--out", args.out, (".png",))
     check_t0(args.t0)
@@ -175,11 +170,8 @@ def cmd_sdedit(args: argparse.Namespace) -> int:
         raise DifflabError(f"{guides.shape[0]} guides for --n {args.n}: give one guide or "
                            "one per edit")
     out = sdedit(run, guides, args.t0, n=args.n, **request_options(args))
-    x = out.images.clamp(-1, 1)
-    nrow = max(guides.shape[0], min(8, x.shape[0]))
-    pad = torch.full((nrow - guides.shape[0], *guides.shape[1:]), 1.0)
-    where = save_image_grid(torch.cat([guides, pad, x]), out_file, nrow=nrow)
-    print(f"wrote {x.shape[0]} SDEdit edits (t0={args.t0:g}, {out.metadata['sampler']}, "
+    where = save_edit_grid(guides, out.images, out_file)
+    print(f"wrote {out.images.shape[0]} SDEdit edits (t0={args.t0:g}, {out.metadata['sampler']}, "
           f"{out.metadata['steps']} steps, {out.nfe} NFE, {out.seconds:.1f} s) to {where}",
           file=sys.stderr)
     return 0
