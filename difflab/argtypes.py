@@ -31,13 +31,17 @@ def _number(kind: type, low: float, inclusive: bool, what: str):
 positive_int = _number(int, 1, True, "a positive integer (1, 2, ...)")
 count_from_zero = _number(int, 0, True, "an integer >= 0")
 positive_float = _number(float, 0.0, False, "a positive number")
+non_negative_float = _number(float, 0.0, True, "a number >= 0")
 
 
 def fraction(text: str) -> float:
     """An argparse ``type``: a number in ``(0, 1]`` (img2img strength)."""
-    value = positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    try:
+        value = positive_float(text)
+    except argparse.ArgumentTypeError:
+        value = None
+    if value is None or value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value
 
 

@@ -34,6 +34,23 @@ def publish(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
     return Path(dest)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file renamed into place, so a reader (or
+    a crash) never sees half a file; creates the parent folder."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_safetensors(tensors: dict, path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> Path:
     """``safetensors.torch.save_file`` with the umask's mode (safetensors itself writes 0600)."""

@@ -48,10 +48,12 @@ def strength_grid(t_grid: torch.Tensor, strength: float) -> torch.Tensor:
     return t_grid[steps - keep:]
 
 
-def check_t0(t0: Any) -> float:
-    """``t0`` as a float if it lies in ``(0, 1]`` (a fraction of the path's time range)."""
+def check_t0(t0: Any, name: str = "t0", hint: str = "") -> float:
+    """``t0`` as a float if it lies in ``(0, 1]`` (a fraction of the path's time range); the
+    error names ``name`` and adds ``hint``."""
     if isinstance(t0, bool) or not isinstance(t0, int | float) or not 0 < t0 <= 1:
-        raise bad_value("t0", t0, "a number in (0, 1] (a fraction of the path's time range)")
+        raise bad_value(name, t0, "a number in (0, 1] (a fraction of the path's time range"
+                        + (f"; {hint}" if hint else "") + ")")
     return float(t0)
 
 

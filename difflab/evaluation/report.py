@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from difflab.errors import DifflabError, bad_value
+from difflab.fileio import write_text_atomic
 
 KID_UNITS = "raw MMD^2, not x10^3"
 COLUMNS = (("fid", "FID"), ("kid", f"KID ({KID_UNITS})"), ("precision", "precision"),
@@ -239,12 +240,6 @@ def plot_precision_recall(report: dict, path: str | os.PathLike) -> Path | None:
     return Path(path)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``report.json``, the plots and ``report.md`` into ``out_dir``.
 
@@ -262,8 +257,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     if p is not None:
         plots.append(p.name)
     report = {**report, "plots": plots}
-    _atomic_text(out / "report.json", json.dumps(report, indent=2, default=str))
-    _atomic_text(out / "report.md", render_markdown(report, plots))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
+    write_text_atomic(out / "report.md", render_markdown(report, plots))
     return {"json": out / "report.json", "markdown": out / "report.md",
             "plots": [out / q for q in plots]}
 
@@ -323,7 +318,7 @@ def write_comparison(reports: Sequence[dict], out_dir: str | os.PathLike,
     if plot_metric_vs_nfe(merged, out / "compare.png", metric) is not None:
         plot = out / "compare.png"
         text += ["![comparison](compare.png)", ""]
-    _atomic_text(out / "compare.md", "\n".join(text))
-    _atomic_text(out / "compare.json", json.dumps({"runs": list(reports)}, indent=2,
+    write_text_atomic(out / "compare.md", "\n".join(text))
+    write_text_atomic(out / "compare.json", json.dumps({"runs": list(reports)}, indent=2,
                                                   default=str))
     return {"markdown": out / "compare.md", "json": out / "compare.json", "plot": plot}

@@ -9,7 +9,8 @@ recipe         paper                                       module
 =============  ==========================================  =====================================
 ``sdedit``     Meng et al. 2022 (SDEdit)                   :mod:`difflab.recipes.sdedit`
 ``inpaint``    replacement; Lugmayr et al. 2022 (RePaint)  :mod:`difflab.recipes.inpaint`
-``diffpure``   Nie et al. 2022 (DiffPure)                  :mod:`difflab.recipes.diffpure`
+``diffpure``   Nie et al. 2022 (DiffPure)                  :mod:`difflab.recipes.diffpure`,
+                                                           :mod:`~difflab.recipes.robustness`
 ``anomaly``    Wyatt et al. 2022 (AnoDDPM)                 :mod:`difflab.recipes.anomaly`
 =============  ==========================================  =====================================
 
@@ -18,6 +19,6 @@ The command line: ``difflab edit RECIPE RUN ...`` (``difflab edit --help`` lists
 
 from __future__ import annotations
 
-RECIPES: tuple[str, ...] = ("sdedit", "inpaint")
+RECIPES: tuple[str, ...] = ("sdedit", "inpaint", "diffpure")
 """The recipe modules, in the order ``difflab edit --help`` lists them. Each has
 ``register_cli(subparsers)`` adding its ``difflab edit NAME`` sub-command."""
