@@ -479,7 +479,7 @@ def evaluate_codec_run(args) -> dict:
     images (``--n`` at most), rFID when ``fid`` is among ``--metrics``; writes
     ``report.json`` and ``report.md`` into ``--out`` (default ``RUN/eval``)."""
     from difflab.builders import build_dataset, build_held_out
-    from difflab.evaluation.report import _atomic_text
+    from difflab.fileio import write_text_atomic
     from difflab.latent.evaluate import reconstruction_report, render
     from difflab.runs import load_run
 
@@ -522,8 +522,8 @@ def evaluate_codec_run(args) -> dict:
               "reconstruction": reconstruction_report(run.net, x, ext, g)}
     out = Path(args.out) if args.out else Path(args.run) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / "report.json", json.dumps(report, indent=2, default=str))
-    _atomic_text(out / "report.md", render(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
+    write_text_atomic(out / "report.md", render(report))
     r = report["reconstruction"]
     line = f"PSNR {r['psnr_db']['value']:.2f} dB"
     if "ssim" in r:

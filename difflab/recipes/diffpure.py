@@ -86,11 +86,6 @@ run over the whole grid (tested in ``tests/recipes/test_diffpure.py``). Multiste
 (``dpmpp_2m``, PNDM, UniPC, ...) would restart their history every step, and EDM's Heun with
 churn sets its churn from the number of steps."""
 
-CLEAN_DRAW, ROBUST_DRAW, FIRST_ATTACK_DRAW = 0, 1, 2
-"""Purifier draws (:meth:`Purifier.draw`): the clean accuracy's, the robust accuracy's, and the
-attack's from ``FIRST_ATTACK_DRAW`` on, so the draw an example is scored with is never one the
-attack optimised against."""
-
 
 # ----- checks ------------------------------------------------------------------------------------
 def check_t_star(t_star) -> float:
@@ -412,6 +407,8 @@ def _purify_files(run, purifier: Purifier, files: list[str], out_dir: Path, devi
 
     x = read_images(files, pixel_shape(run), "--input image").to(device)
     with torch.no_grad():
+        from difflab.recipes.robustness import CLEAN_DRAW
+
         out = purifier.draw(x, CLEAN_DRAW, range(len(files)))
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, f in enumerate(files):

@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from difflab.errors import DifflabError, bad_value
 from difflab.recipes import attacks
-from difflab.recipes.diffpure import CLEAN_DRAW, FIRST_ATTACK_DRAW, ROBUST_DRAW, Purifier
+
+CLEAN_DRAW, ROBUST_DRAW, FIRST_ATTACK_DRAW = 0, 1, 2
+"""Purifier draws (:meth:`difflab.recipes.diffpure.Purifier.draw`): the clean accuracy's, the
+robust accuracy's, and the attack's from ``FIRST_ATTACK_DRAW`` on, so the draw an example is
+scored with is never one the attack optimised against."""
 
 ATTACKS: tuple[str, ...] = ("none", "pgd_linf", "pgd_l2", "eot", "full", "bpda")
 ADAPTIVE: tuple[str, ...] = ("eot", "full", "bpda")
@@ -103,7 +108,7 @@ def _start(x: torch.Tensor, eps: float, norm: str, seed: int, indices) -> torch.
     return torch.cat(rows)
 
 
-def evaluate(classify, x: torch.Tensor, y: torch.Tensor, purifier: Purifier | None,
+def evaluate(classify, x: torch.Tensor, y: torch.Tensor, purifier: Any,
              attack: Attack | str = "none", *, seed: int = 0, batch_size: int = 64,
              progress: bool = False, desc: str | None = None) -> dict:
     """Clean and robust accuracy of ``classify(purifier(x))`` under ``attack``.
@@ -178,7 +183,7 @@ def evaluate(classify, x: torch.Tensor, y: torch.Tensor, purifier: Purifier | No
     return report
 
 
-def purifier_settings(purifier: Purifier | None) -> dict:
+def purifier_settings(purifier: Any) -> dict:
     """What a report says about the defence."""
     if purifier is None:
         return {"t_star": 0.0, "purifier": None}
@@ -193,7 +198,7 @@ def _attack_batch(classify, xb, yb, purifier, attack: Attack, eps: float, step, 
                   callback) -> torch.Tensor:
     if attack.name == "none":
         return xb
-    if attack.gradient == "classifier" or purifier is None:
+    if purifier is None or attack.gradient not in ("full", "bpda"):
         gradient = attacks.classifier_gradient(classify)
     else:
         def transform(v: torch.Tensor, draw: int) -> torch.Tensor:
