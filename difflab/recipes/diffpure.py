@@ -27,21 +27,9 @@ Checkpointing runs the sampler one grid step at a time, which is the same comput
 for samplers that keep no history between steps (:data:`ONE_STEP_SAMPLERS`); others are
 refused.
 
-Robustness evaluation (:func:`evaluate`): clean and robust accuracy of ``classifier(purify(x))``
-under the attacks of :mod:`difflab.recipes.attacks`:
-
-=============  ===============================================================================
-``none``       no attack (clean accuracy only)
-``pgd_linf``   PGD L-inf (Madry et al. 2018) on the undefended classifier, then purified
-               (a transfer attack: it never sees the purifier)
-``pgd_l2``     the same in the L2 ball
-``full``       PGD through the purifier with the full gradient through the sampler, one fresh
-               purifier draw per step (checkpointed)
-``eot``        the same, averaging the gradient over K purifier draws per step (EOT; Athalye et
-               al. 2018 Sec. 4.3)
-``bpda``       PGD with the purifier's backward pass replaced by the identity (BPDA; Athalye et
-               al. 2018 Sec. 4.1), averaged over K draws (default 1)
-=============  ===============================================================================
+Robustness evaluation lives in :mod:`difflab.recipes.robustness` (its module docstring lists
+the attacks): clean and robust accuracy of ``classifier(purify(x))`` under the attacks of
+:mod:`difflab.recipes.attacks`.
 
 Budgets are given in ``[0, 1]`` pixel units, as the literature states them (MNIST: L-inf 0.3,
 L2 1.5); difflab's images are in ``[-1, 1]``, so the attacks work with twice that
